@@ -1,0 +1,59 @@
+"""The `babelcap` command line: a thin layer that parses flags and calls library code.
+
+Each subcommand lives in `babelcap/commands/<name>.py` and exposes
+`register(subparsers) -> None`; heavy imports (torch, beam) happen inside the handlers so
+`babelcap --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from babelcap import __version__
+
+# Order here is the order in `babelcap --help`.
+COMMAND_MODULES = [
+    "world",
+    "inspect",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="babelcap",
+        description="Multilingual image-text data with Beam + CTranslate2, and cheap CLIP "
+        "language adaptation (LiT, LoRA, per-language adapters, continual learning).",
+    )
+    parser.add_argument("--version", action="version", version=f"babelcap {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"babelcap.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        # Library code raises these for bad user input; show the message, not a traceback.
+        if args.verbose:
+            raise
+        print(f"babelcap {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
