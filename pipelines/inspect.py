@@ -152,16 +152,18 @@ def _scan_dead_letter(path: str, report: Report, batch_size: int) -> None:
         )
 
 
-def inspect_paths(
-    path_or_glob: str, n_samples: int = 3, batch_size: int = 4096
-) -> dict[str, Any]:
+def inspect_paths(path_or_glob: str, n_samples: int = 3, batch_size: int = 4096) -> dict[str, Any]:
     """Summarise every babelcap Parquet file under `path_or_glob` (shards and dead letters)."""
     report = Report()
     for path in find_parquet_files(path_or_glob):
         info = schema.read_file_info(path)
         report.files.append(
-            {"path": path, "kind": info.kind, "rows": info.num_rows,
-             "schema_version": info.schema_version}
+            {
+                "path": path,
+                "kind": info.kind,
+                "rows": info.num_rows,
+                "schema_version": info.schema_version,
+            }
         )
         if info.kind == schema.KIND_SHARD:
             # Metadata is per run; keep the first seen (they are identical within a run).
@@ -198,7 +200,9 @@ def format_report(data: dict[str, Any]) -> str:
         ]
     if data["dead_letters"]:
         lines += ["", "| dead-letter stage | reason | rows |", "|---|---|---|"]
-        lines += [f"| {d['stage']} | {d['error_kind']} | {d['rows']} |" for d in data["dead_letters"]]
+        lines += [
+            f"| {d['stage']} | {d['error_kind']} | {d['rows']} |" for d in data["dead_letters"]
+        ]
     if data["samples"]:
         lines += ["", "samples:"]
         for s in data["samples"]:
@@ -212,4 +216,3 @@ def format_report(data: dict[str, Any]) -> str:
         if meta.get("models"):
             lines.append("models: " + ", ".join(f"{k}={v}" for k, v in meta["models"].items()))
     return "\n".join(lines)
-

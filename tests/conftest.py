@@ -28,13 +28,14 @@ def _cache_root() -> Path:
 @pytest.fixture(scope="session")
 def world_dir() -> Path:
     """A small built world (same parameters every session, rebuilt only when they change)."""
-    from world.build import build_world
+    from world.build import GENERATOR_VERSION, build_world
 
     out = _cache_root() / "test-world"
     meta = out / "world.json"
     if meta.exists():
         info = json.loads(meta.read_text())
-        if all(info.get(k) == v for k, v in TEST_WORLD.items()):
+        wanted = {**TEST_WORLD, "version": GENERATOR_VERSION}
+        if all(info.get(k) == v for k, v in wanted.items()):
             return out
     build_world(out, **TEST_WORLD)
     return out
