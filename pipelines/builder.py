@@ -1,0 +1,94 @@
+"""Wire the stages into one Beam pipeline. No logic of its own: each stage is a module.
+
+    read (sources) -> decode + checks (decode) -> drop duplicate images (dedup)
+    -> caption (captioning, RunInference) -> English filters (filters)
+    -> CLIP scores / embeddings (clipscore, RunInference) -> CAPIVARA selection (filters)
+    -> translate (translation, RunInference) -> translation filters (filters)
+    -> shards + dead letters + stats (sinks)
+
+Every stage's rejects are flattened into the one dead-letter output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import apache_beam as beam
+
+from pipelines.captioning import Caption
+from pipelines.clipscore import ClipScore
+from pipelines.deadletter import DEAD, reject
+from pipelines.decode import DecodeImages
+from pipelines.dedup import DropDuplicateImages
+from pipelines.filters import FilterEnglish, FilterTranslations, SelectCaptions
+from pipelines.options import AugmentConfig
+from pipelines.sinks import WriteOutputs
+from pipelines.sources import ReadInputs
+from pipelines.translation import Translate
+
+
+class RequireCaptions(beam.DoFn):
+    """A row with no caption left is of no use for training: dead-letter it, with the reason."""
+
+    def process(self, rec: dict[str, Any]) -> Iterator[Any]:
+        if rec.get("captions"):
+            yield rec
+        else:
+            yield reject(rec, "filter", "no_captions", "every caption was filtered out")
+
+
+class StoreImage(beam.DoFn):
+    """Put the original bytes into `image` (store_image="bytes") and drop the working copy."""
+
+    def __init__(self, store_image: str):
+        self.store_image = store_image
+
+    def process(self, rec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        out = {k: v for k, v in rec.items() if k != "data"}
+        if self.store_image == "bytes":
+            out["image"] = {"bytes": rec["data"], "path": rec.get("uri")}
+        yield out
+
+
+def build(
+    pipeline: beam.Pipeline,
+    config: AugmentConfig,
+    staging: str,
+    models: Mapping[str, Any],
+    languages: tuple[str, ...],
+) -> None:
+    """Add the augmentation to `pipeline`, writing into the `staging` folder."""
+    records, read_dead = pipeline | "Read" >> ReadInputs(config)
+    decoded = records | "Decode" >> beam.ParDo(DecodeImages(config)).with_outputs(DEAD, main="ok")
+    records, duplicates = decoded.ok | "DedupImages" >> DropDuplicateImages()
+    dead = [read_dead, decoded[DEAD], duplicates]
+
+    if config.captioner is not None:
+        records, failed = records | "Caption" >> Caption(
+            config.captioner, config.seed, config.max_image_pixels
+        )
+        dead.append(failed)
+    records = records | "FilterEnglish" >> beam.ParDo(FilterEnglish(config.text))
+    clip = config.clip
+    if clip is not None and (clip.score or clip.embed_images):
+        records, failed = records | "Clip" >> ClipScore(clip, config.max_image_pixels)
+        dead.append(failed)
+    records = records | "SelectCaptions" >> beam.ParDo(SelectCaptions(config.text, clip))
+    # No stage after this one looks at pixels: stop shipping the original bytes between stages
+    # (what the shard stores is already in `image`).
+    records = records | "StoreImage" >> beam.ParDo(StoreImage(config.store_image))
+    if languages:
+        records, failed = records | "Translate" >> Translate(config.translator, languages)
+        dead.append(failed)
+        records = records | "FilterTranslations" >> beam.ParDo(
+            FilterTranslations(config.text, languages)
+        )
+    checked = records | "RequireCaptions" >> beam.ParDo(RequireCaptions()).with_outputs(
+        DEAD, main="ok"
+    )
+    dead.append(checked[DEAD])
+    all_dead = tuple(dead) | "AllDeadLetters" >> beam.Flatten()
+    _ = (checked.ok, all_dead) | "Write" >> WriteOutputs(
+        staging, config.to_dict(), models, config.num_shards, config.rows_per_shard
+    )

@@ -1,0 +1,181 @@
+"""Synthetic English captions through Beam's RunInference with a Hugging Face image-to-text model.
+
+`CaptionModelHandler` loads any transformers image-to-text model (BLIP, BLIP-2, GIT,
+VisionEncoderDecoder...) by hub name or path, through `AutoProcessor` and
+`AutoModelForImageTextToText` (or the class named in the config). RunInference loads it once
+per worker process (its shared handle) and batches records. For each batch it writes
+`num_captions` captions per image, one per prompt prefix (CAPIVARA's ten by default; prompts
+cycle when more captions than prompts are asked for, which makes sense with sampling). Greedy /
+beam decoding is deterministic; sampling is seeded per image and prompt, so a seed fixes the
+output whatever the batching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from pipelines import schema
+from pipelines.accounting import bump
+from pipelines.deadletter import DEAD, reject
+from pipelines.decode import decode_rgb
+from pipelines.models import Loaded, limit_torch_threads, local_model_path, resolve_device
+
+log = logging.getLogger(__name__)
+
+STAGE = "caption"
+
+
+def load_captioner(model: str, model_class: str | None, device: str) -> tuple[Any, Any, str]:
+    """(processor, model, device) through transformers' own loaders; fp16 on GPU."""
+    import torch
+    import transformers
+
+    path = local_model_path(model)
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    if model_class:
+        klass = getattr(transformers, model_class)
+    else:
+        klass = getattr(transformers, "AutoModelForImageTextToText", None)
+        klass = klass or transformers.AutoModelForVision2Seq  # transformers < 4.46
+    device = resolve_device(device)
+    limit_torch_threads()
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    net = klass.from_pretrained(path, dtype=dtype)
+    net.to(device).eval()
+    return processor, net, device
+
+
+def prompts_for(prompts: Sequence[str], num_captions: int) -> list[str]:
+    """The prompt of each caption: the list cycled to `num_captions`."""
+    if num_captions <= 0:
+        return []
+    items = list(prompts) or [""]
+    return [items[i % len(items)] for i in range(num_captions)]
+
+
+def _seed(seed: int, image_id: str, k: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{image_id}:{k}".encode()).hexdigest()[:8], 16)
+
+
+class CaptionModelHandler(ModelHandler[dict, dict, Any]):
+    """RunInference handler: records in, records with synthetic captions appended out."""
+
+    def __init__(self, config, seed: int = 0, max_image_pixels: int = 64_000_000):
+        super().__init__()
+        self.config = config  # options.CaptionerConfig: light and picklable
+        self.seed = seed
+        self.max_image_pixels = max_image_pixels
+        self.model_id = config.model
+
+    def load_model(self) -> Any:
+        log.info("loading captioner %s", self.config.model)
+        processor, net, device = load_captioner(
+            self.config.model, self.config.model_class, self.config.device
+        )
+        return Loaded(processor=processor, net=net, device=device)
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        return {"min_batch_size": self.config.batch_size, "max_batch_size": self.config.batch_size}
+
+    def share_model_across_processes(self) -> bool:
+        return False
+
+    def get_metrics_namespace(self) -> str:
+        return "babelcap.caption"
+
+    def _generate(self, bundle, images, prompt: str, seeds: list[int] | None) -> list[str]:
+        import torch
+
+        processor, net, device = bundle.processor, bundle.net, bundle.device
+        cfg = self.config
+        kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens}
+        if cfg.sampling:
+            kwargs.update(do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature)
+        else:
+            kwargs.update(do_sample=False, num_beams=cfg.num_beams)
+        text = [prompt] * len(images) if prompt else None
+        if seeds is None:
+            inputs = processor(images=images, text=text, return_tensors="pt", padding=True)
+            inputs = inputs.to(device, dtype=net.dtype) if device.startswith("cuda") else inputs
+            with torch.inference_mode():
+                out = net.generate(**inputs, **kwargs)
+            return processor.batch_decode(out, skip_special_tokens=True)
+        texts = []
+        for image, seed in zip(images, seeds, strict=True):  # sampling: one seeded call per image
+            torch.manual_seed(seed)
+            inputs = processor(images=[image], text=text[:1] if text else None, return_tensors="pt")
+            inputs = inputs.to(device, dtype=net.dtype) if device.startswith("cuda") else inputs
+            with torch.inference_mode():
+                out = net.generate(**inputs, **kwargs)
+            texts.extend(processor.batch_decode(out, skip_special_tokens=True))
+        return texts
+
+    def run_inference(
+        self, batch: Sequence[dict], model: Any, inference_args: dict | None = None
+    ) -> Iterable[dict]:
+        images = [decode_rgb(r["data"], self.max_image_pixels) for r in batch]
+        captions: list[list[dict]] = [[] for _ in batch]
+        for k, prompt in enumerate(prompts_for(self.config.prompts, self.config.num_captions)):
+            seeds = None
+            if self.config.sampling:
+                seeds = [_seed(self.seed, r["image_id"], k) for r in batch]
+            texts = self._generate(model, images, prompt, seeds)
+            for i, text in enumerate(texts):
+                text = " ".join(text.split())
+                if prompt and not text.lower().startswith(prompt.lower()):
+                    # Models that return only the continuation: keep CAPIVARA's "prefix + text".
+                    text = f"{prompt} {text}".strip()
+                captions[i].append(
+                    schema.caption(
+                        text,
+                        "en",
+                        schema.ORIGIN_SYNTHETIC,
+                        model=self.model_id,
+                        prompt=prompt or None,
+                    )
+                )
+        out = []
+        for rec, caps in zip(batch, captions, strict=True):
+            rec = dict(rec)
+            rec["captions"] = [*rec.get("captions", []), *caps]
+            bump(rec, "caption.generated", len(caps))
+            out.append(rec)
+        return out
+
+
+class FailedBatch(beam.DoFn):
+    """RunInference's failed batches `(batch, exception)` -> one dead letter per record."""
+
+    def __init__(self, stage: str, kind: str):
+        self.stage, self.kind = stage, kind
+
+    def process(self, item: Any) -> Iterator[Any]:
+        batch, exc = item
+        for rec in batch if isinstance(batch, (list, tuple)) else [batch]:
+            yield reject(rec, self.stage, self.kind, f"{type(exc).__name__}: {exc}")
+
+
+class Caption(beam.PTransform):
+    """records -> (records with synthetic captions, dead letters)."""
+
+    def __init__(self, config, seed: int, max_image_pixels: int):
+        super().__init__()
+        self.handler = CaptionModelHandler(config, seed=seed, max_image_pixels=max_image_pixels)
+
+    def expand(self, records):
+        main, other = (
+            records | "RunInference" >> RunInference(self.handler).with_exception_handling()
+        )
+        dead = other.failed_inferences | "FailedToDead" >> beam.ParDo(
+            FailedBatch(STAGE, "caption_failed")
+        )
+        return main, dead
+
+
+__all__ = ["DEAD", "Caption", "CaptionModelHandler", "load_captioner", "prompts_for"]

@@ -1,0 +1,318 @@
+"""The whole augmentation on a small world plus the bad-input corpus, with real models, under
+Beam's local runner in multi-processing mode (2 workers: pickling and per-worker loading are
+exercised as on Dataflow). One full run per module (a module-scoped fixture); the crash/re-run
+case adds one more, in-process run.
+
+Models: the world's (captioner, a translator, base CLIP) through the `world_models` fixture;
+the translator is `marian-en-pt` (into pt) unless BABELCAP_TEST_TRANSLATOR names another world
+translator (e.g. m2m-multi, into pt and es). BABELCAP_TEST_TINY_MODELS=1 swaps in tiny randomly
+initialised models of the same architectures (fast inner loop, into pt and es; translations are
+then gibberish, so the language check is off). BABELCAP_TEST_PIPELINE_MODELS='{"captioner": DIR,
+"translator": CT2_DIR, "clip": DIR, "languages": ["pt"]}' points the test at models built
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import schema
+from pipelines.options import (
+    AugmentConfig,
+    CaptionerConfig,
+    ClipConfig,
+    TextFilterConfig,
+    TranslatorConfig,
+)
+from pipelines.publish import MANIFEST, read_manifest
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+import pipeline_testkit as kit
+
+pytestmark = pytest.mark.slow
+N_WORLD_IMAGES = 20
+WORLD_TRANSLATORS = {"marian-en-pt": ("pt",), "m2m-multi": ("pt", "es")}
+
+
+@pytest.fixture(scope="module")
+def models(request, tmp_path_factory) -> dict[str, str]:
+    if os.environ.get("BABELCAP_TEST_TINY_MODELS") == "1":
+        root = tmp_path_factory.mktemp("tiny-models")
+        return {
+            "captioner": str(kit.tiny_blip(root / "blip")),
+            "translator": str(kit.tiny_translator(root / "tr", languages=("pt", "es"))),
+            "clip": str(kit.tiny_clip(root / "clip")),
+            "languages": ("pt", "es"),
+            "tiny": "1",
+        }
+    if os.environ.get("BABELCAP_TEST_PIPELINE_MODELS"):
+        given = json.loads(os.environ["BABELCAP_TEST_PIPELINE_MODELS"])
+        return {**given, "languages": tuple(given["languages"])}
+    name = os.environ.get("BABELCAP_TEST_TRANSLATOR", "marian-en-pt")
+    dirs = request.getfixturevalue("world_models")("captioner", name, "clip-base")
+    return {
+        "captioner": str(dirs["captioner"]),
+        "translator": str(dirs[name] / "ct2"),
+        "clip": str(dirs["clip-base"]),
+        "languages": WORLD_TRANSLATORS[name],
+    }
+
+
+@pytest.fixture(scope="module")
+def job(world_dir, models, tmp_path_factory) -> dict:
+    """Input = tens of world images + the bad-input corpus, in one JSONL manifest."""
+    root = tmp_path_factory.mktemp("e2e")
+    world_rows = [json.loads(x) for x in (world_dir / "manifest.jsonl").read_text().splitlines()]
+    world_rows = world_rows[:N_WORLD_IMAGES]
+    good = [world_dir / r["image_path"] for r in world_rows[:6]]
+    corpus = root / "input"
+    expect = kit.bad_corpus(corpus, good)
+    with open(corpus / "manifest.jsonl", "ab") as f:
+        for r in world_rows[6:]:
+            row = {**r, "image_path": str(world_dir / r["image_path"])}
+            f.write(json.dumps(row).encode() + b"\n")
+    tiny = bool(models.get("tiny"))
+    config = AugmentConfig(
+        input=str(corpus / "manifest.jsonl"),
+        output=str(root / "out"),
+        languages=models["languages"],
+        captioner=CaptionerConfig(
+            model=models["captioner"], num_captions=4, max_new_tokens=24, batch_size=8
+        ),
+        translator=TranslatorConfig(
+            model=models["translator"],
+            batch_size=16,
+            options={"max_decoding_length": 16} if tiny else {},
+        ),
+        clip=ClipConfig(model=models["clip"], top_k=3, embed_images=True, batch_size=16),
+        text=TextFilterConfig(language_check=not tiny),
+        rows_per_shard=8,
+        seed=0,
+    )
+    from pipelines.runner import run
+
+    manifest = run(config, workers=2, echo=False)
+    return {
+        "config": config,
+        "manifest": manifest,
+        "expect": expect,
+        "root": root,
+        "out": root / "out",
+        "n_world": len(world_rows),
+    }
+
+
+def _rows(out: Path) -> list[dict]:
+    return pq.read_table(out / "shards").sort_by("image_id").to_pylist()
+
+
+def _dead(out: Path) -> list[dict]:
+    return pq.read_table(out / "dead_letter").to_pylist()
+
+
+def test_accounting_holds_and_is_in_the_manifest(job):
+    m = job["manifest"]
+    books = m["accounting"]
+    assert books["balanced"]
+    # 8 corpus files + missing file + bad JSON line + 7 rows of the 6 good images (one twice)
+    # + the other world rows
+    assert books["inputs"] == 8 + 1 + 1 + 7 + (job["n_world"] - 6)
+    assert books["inputs"] == (
+        books["rows_written"] + books["dead_lettered"] + books["duplicates_dropped"]
+    )
+    assert books["duplicates_dropped"] == 1
+    on_disk = read_manifest(str(job["out"]))
+    assert on_disk["accounting"] == books and on_disk["runner"].endswith("FnApiRunner")
+    assert on_disk["models"]["captioner"] and on_disk["versions"]["apache-beam"]
+    assert not (job["out"] / "_staging").exists()
+
+
+def test_models_load_once_per_worker(job):
+    metrics = job["manifest"]["metrics"]
+    for stage in ("caption", "translate", "clip"):
+        loads = metrics[f"babelcap.{stage}/load_model_latency_milli_secs"]["count"]
+        assert 1 <= loads <= 2, (stage, loads)  # 2 worker processes, never once per bundle
+        batches = metrics[f"babelcap.{stage}/inference_batch_latency_micro_secs"]["count"]
+        assert batches >= loads
+
+
+def test_shards_validate_and_read_back(job):
+    out = job["out"]
+    files = sorted((out / "shards").glob("*.parquet"))
+    assert len(files) >= 2  # rows_per_shard=8
+    total = 0
+    for f in files:
+        info = schema.validate(str(f))
+        assert info.config["seed"] == 0 and info.models["captioner"]
+        total += info.num_rows
+    assert total == job["manifest"]["accounting"]["rows_written"]
+    for f in (out / "dead_letter").glob("*.parquet"):
+        schema.validate(str(f), kind=schema.KIND_DEAD_LETTER)
+    import duckdb
+
+    con = duckdb.connect()
+    n, n_caps = con.execute(
+        f"SELECT count(*), sum(len(captions)) FROM read_parquet('{out}/shards/*.parquet')"
+    ).fetchone()
+    assert n == total and n_caps > total
+    langs = {
+        r[0]
+        for r in con.execute(
+            f"SELECT DISTINCT c.language FROM (SELECT unnest(captions) AS c "
+            f"FROM read_parquet('{out}/shards/*.parquet'))"
+        ).fetchall()
+    }
+    assert {"en", *job["config"].languages} <= langs
+
+
+def test_bad_inputs_land_in_the_right_place(job):
+    expect = job["expect"]
+    kinds = {(d["stage"], d["error_kind"]) for d in _dead(job["out"])}
+    rows = _rows(job["out"])
+    by_name = {Path(r["source_uri"]).name: r for r in rows}
+    for name, what in expect.items():
+        if not isinstance(what, dict) or not ("dead" in what or "row" in what):
+            continue
+        if "dead" in what:
+            stage, kind = what["dead"].split("/")
+            assert (stage, kind) in kinds, (name, kinds)
+            assert name not in by_name
+        else:
+            assert name in by_name, name
+            r = by_name[name]
+            assert r["width"] == 40 and r["image"]["bytes"]
+    assert ("read", "bad_manifest_row") in kinds
+    for d in _dead(job["out"]):
+        assert d["message"]  # every dead letter says why
+
+
+def test_caption_problems_are_counted_and_the_image_kept(job):
+    drops = job["manifest"]["caption_drops"]
+    for key, n in job["expect"]["caption_drops"].items():
+        assert drops.get(key) == n, (key, drops)
+    rows = {Path(r["source_uri"]).name: r for r in _rows(job["out"])}
+    good = job["expect"]["good"]
+    for name in good[:3]:  # invalid UTF-8 / empty / 10,000 characters: no source caption
+        caps = rows[name]["captions"]
+        assert caps and all(c["origin"] != schema.ORIGIN_SOURCE for c in caps)
+
+
+def test_duplicate_image_is_dropped_deterministically(job):
+    dups = [d for d in _dead(job["out"]) if d["error_kind"] == "duplicate_image"]
+    assert len(dups) == 1
+    # The later manifest line is the one dropped; the message names the one kept.
+    kept_line = int(dups[0]["message"].rsplit("#L", 1)[1])
+    dropped_line = int(dups[0]["input_ref"].rsplit("#L", 1)[1])
+    assert kept_line < dropped_line
+    rows = [r for r in _rows(job["out"]) if r["image_id"] == dups[0]["image_id"]]
+    assert len(rows) == 1
+    assert rows[0]["captions"][0]["text"] == "a blue circle"  # the kept row's source caption
+
+
+def test_captions_of_every_origin_linked(job):
+    rows = _rows(job["out"])
+    origins = {c["origin"] for r in rows for c in r["captions"]}
+    assert {schema.ORIGIN_SOURCE, schema.ORIGIN_SYNTHETIC, schema.ORIGIN_TRANSLATED} <= origins
+    prompts = set(job["config"].captioner.prompts[:4])
+    for r in rows:
+        caps = r["captions"]
+        assert len({c["text"] for c in caps if c["origin"] == "synthetic"}) == sum(
+            c["origin"] == "synthetic" for c in caps
+        )
+        synth = [c for c in caps if c["origin"] == schema.ORIGIN_SYNTHETIC]
+        assert len(synth) <= 3  # top_k=3
+        for c in synth:
+            assert c["prompt"] in prompts and c["score"] is not None
+        for c in caps:
+            if c["origin"] == schema.ORIGIN_TRANSLATED:
+                src = caps[c["source_index"]]
+                assert src["language"] == "en" and src["origin"] != "translated"
+                assert c["language"] in job["config"].languages and c["model"]
+        assert len(r["embedding"]) > 0 and r["embedding_model"]
+
+
+def test_world_captions_are_translated_into_every_language(job):
+    if job["config"].text.language_check is False:
+        pytest.skip("tiny random translator: translations are not language-checked")
+    rows = _rows(job["out"])
+    n_tr = {
+        lang: sum(c["language"] == lang for r in rows for c in r["captions"])
+        for lang in job["config"].languages
+    }
+    assert all(n > len(rows) for n in n_tr.values()), n_tr
+
+
+def test_crash_then_rerun_gives_the_same_rows(job, monkeypatch, tmp_path):
+    """A run killed while writing leaves the published output alone (no manifest change);
+    re-running into the same output gives exactly the rows of the clean run."""
+    import dataclasses
+
+    from pipelines import sinks
+    from pipelines.runner import run
+
+    out = job["out"]
+    before = _rows(out)
+    config = job["config"]
+    real = sinks.write_parquet
+    calls = {"n": 0}
+
+    def crashing(path, rows, arrow_schema):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash while writing shards")
+        return real(path, rows, arrow_schema)
+
+    monkeypatch.setattr(sinks, "write_parquet", crashing)
+    with pytest.raises(Exception, match="simulated crash"):
+        run(config, workers=1, echo=False)  # in-process runner: the patch applies
+    assert (out / "_staging").exists()  # the crashed run's partial files stay in staging
+    assert _rows(out) == before and (out / MANIFEST).exists()  # published output untouched
+    monkeypatch.setattr(sinks, "write_parquet", real)
+
+    # A crash in the middle of publishing: old shards already deleted, manifest gone.
+    for f in (out / "shards").glob("*.parquet"):
+        f.unlink()
+        break
+    (out / MANIFEST).unlink()
+    with pytest.raises(FileNotFoundError):
+        read_manifest(str(out))
+
+    manifest = run(dataclasses.replace(config), workers=1, echo=False)
+    after = _rows(out)
+    strip = [{k: v for k, v in r.items() if k != "embedding"} for r in before]
+    assert [{k: v for k, v in r.items() if k != "embedding"} for r in after] == strip
+    assert len({r["image_id"] for r in after}) == len(after)
+    assert manifest["accounting"] == job["manifest"]["accounting"]
+    assert not (out / "_staging").exists()
+
+
+def test_export_webdataset_for_open_clip(job, tmp_path):
+    import webdataset as wds
+
+    from pipelines.export_wds import export_webdataset
+
+    result = export_webdataset(job["out"], tmp_path / "wds", "pt", maxcount=10)
+    n_pt = sum(any(c["language"] == "pt" for c in r["captions"]) for r in _rows(job["out"]))
+    assert result["written"] == n_pt > 0
+    sizes = json.loads((tmp_path / "wds" / "sizes.json").read_text())
+    assert sum(sizes.values()) == n_pt and len(sizes) == -(-n_pt // 10)
+    # Read back the way open_clip's webdataset pipeline does.
+    pattern = str(tmp_path / "wds" / f"shard-{{000000..{len(sizes) - 1:06d}}}.tar")
+    ds = (
+        wds.WebDataset(pattern, shardshuffle=False)
+        .decode("pilrgb")
+        .rename(image="jpg;png;jpeg;webp", text="txt")
+        .to_tuple("image", "text", "json")
+    )
+    seen = 0
+    for image, text, meta in ds:
+        assert image.size[0] > 0 and text == meta["captions"][0]["text"]
+        assert all(c["language"] == "pt" for c in meta["captions"])
+        seen += 1
+    assert seen == n_pt
