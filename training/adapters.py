@@ -1,0 +1,326 @@
+"""Per-language parameter-efficient modules on the text tower (PECTVLM), through peft.
+
+One peft adapter per language, all inside one `PeftModel` around the open_clip Hugging Face text
+tower and named by language code (`pt`, `hi`, ...), so `set_language(model, "hi")` is peft's
+`set_adapter("hi")`. peft saves them as one folder per language (`adapter/pt/`, `adapter/hi/`:
+adapter_config.json + adapter_model.safetensors each); `load_language_adapters` attaches them
+again. A single adapter shared by all languages is named `default` (the baseline).
+
+Kinds: LoRA (`lora`) and (IA)3 (`ia3`) — the peft tuners that inject into any `nn.Module`, as
+open_clip's `HFTextEncoder` is; prompt tuning would need a `PreTrainedModel` whose outputs the
+tower's pooler does not expect.
+
+Which adapter a language gets: its own when there is one, else the shared `default`, else none
+(the base model: English, which the base CLIP already speaks).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.models import unwrap
+
+SHARED = "default"  # peft's default adapter name: one adapter for every language
+CONFIG_FILE = "adapter_config.json"
+
+# peft's matching rules for Hugging Face BERT-style towers (XLM-R naming).
+DEFAULT_TARGETS = {"lora": ["query", "value"], "ia3": ["key", "value", "output.dense"]}
+DEFAULT_FEEDFORWARD = {"ia3": ["output.dense"]}
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter's configuration (the same for every language)."""
+
+    kind: str = "lora"  # "lora" | "ia3"
+    r: int = 2  # LoRA rank
+    alpha: int = 2  # LoRA alpha
+    dropout: float = 0.0  # LoRA dropout
+    target_modules: list[str] | None = None  # None: DEFAULT_TARGETS[kind]
+    feedforward_modules: list[str] | None = None  # (IA)3 only; None: DEFAULT_FEEDFORWARD
+    modules_to_save: list[str] = field(default_factory=list)  # e.g. ["proj"]: a copy per language
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> AdapterSpec:
+        """Build from a plain dict (e.g. `method.options.adapter`), ignoring unknown keys."""
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in dict(options or {}).items() if k in known})
+
+    @property
+    def targets(self) -> list[str]:
+        if self.kind not in DEFAULT_TARGETS:
+            raise ValueError(f"adapter kind must be one of {sorted(DEFAULT_TARGETS)}, "
+                             f"got {self.kind!r}")
+        return list(self.target_modules or DEFAULT_TARGETS[self.kind])
+
+    @property
+    def feedforward(self) -> list[str]:
+        return list(self.feedforward_modules or DEFAULT_FEEDFORWARD.get(self.kind, []))
+
+    def peft_config(self):
+        """The peft config object for this spec."""
+        from peft import IA3Config, LoraConfig
+
+        save = list(self.modules_to_save) or None
+        if self.kind == "lora":
+            return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                              target_modules=self.targets, modules_to_save=save, bias="none")
+        if self.kind == "ia3":
+            return IA3Config(target_modules=self.targets,
+                             feedforward_modules=self.feedforward, modules_to_save=save)
+        raise ValueError(f"adapter kind must be one of {sorted(DEFAULT_TARGETS)}, "
+                         f"got {self.kind!r}")
+
+
+# ----------------------------------------------------------------------------- size
+
+
+def _matches(name: str, targets: Iterable[str]) -> bool:
+    """peft's rule for a list of target names: the module name equals one or ends with `.t`."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def adapter_parameter_formula(text_tower: torch.nn.Module, spec: AdapterSpec) -> int:
+    """Parameters of ONE adapter on a plain (not yet wrapped) text tower.
+
+    LoRA: r * (d_in + d_out) per adapted Linear (r * (rows + dim) per adapted Embedding, e.g.
+    `word_embeddings`). (IA)3: one scaling vector per adapted Linear,
+    of size d_in for feed-forward modules (it scales their input) and d_out otherwise.
+    Plus a copy of every module to save.
+    """
+    count = 0
+    for name, module in text_tower.named_modules():
+        if not _matches(name, spec.targets):
+            continue
+        if isinstance(module, torch.nn.Embedding) and spec.kind == "lora":
+            count += spec.r * (module.num_embeddings + module.embedding_dim)
+            continue
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if spec.kind == "lora":
+            count += spec.r * (module.in_features + module.out_features)
+        elif _matches(name, spec.feedforward):
+            count += module.in_features
+        else:
+            count += module.out_features
+    for name in spec.modules_to_save:
+        count += sum(p.numel() for p in text_tower.get_submodule(name).parameters())
+    return count
+
+
+def _adapter_of(param_name: str) -> str | None:
+    """Adapter name in a peft parameter name (`...query.lora_A.pt.weight`, `...key.ia3_l.pt`,
+    `...proj.modules_to_save.pt.weight`), or None for a base-model parameter."""
+    parts = param_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith(("lora_", "ia3_")) or part == "modules_to_save":
+            return parts[i + 1]
+    return None
+
+
+def adapter_parameters(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters that belong to adapter `name`."""
+    text = unwrap(model).text
+    return {n: p for n, p in text.named_parameters() if _adapter_of(n) == name}
+
+
+def base_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the full model without any adapter (peft's per-adapter copies excluded)."""
+    return sum(p.numel() for n, p in unwrap(model).named_parameters() if _adapter_of(n) is None)
+
+
+def adapter_size(model: torch.nn.Module, name: str) -> dict[str, float]:
+    """Size of one adapter: parameters and percent of the full model (PECTVLM: ~0.16%)."""
+    params = sum(p.numel() for p in adapter_parameters(model, name).values())
+    total = base_parameter_count(model)
+    return {"parameters": params, "model_parameters": total,
+            "percent": 100.0 * params / max(1, total)}
+
+
+# ----------------------------------------------------------------------------- attach / swap
+
+
+def add_language_adapters(model: torch.nn.Module, languages: Sequence[str],
+                          spec: AdapterSpec) -> torch.nn.Module:
+    """Wrap the text tower in a PeftModel with one adapter per language code (all trainable).
+
+    `languages=["default"]` (or `[SHARED]`) gives one shared adapter. The base text tower is
+    frozen; nothing else is touched (lock the image tower separately).
+    """
+    from peft import get_peft_model
+
+    raw = unwrap(model)
+    if not (hasattr(raw, "text") and hasattr(raw.text, "transformer")):
+        raise ValueError("per-language adapters need an open_clip model with a Hugging Face "
+                         "text tower (text_cfg.hf_model_name)")
+    languages = list(dict.fromkeys(languages))
+    if not languages:
+        raise ValueError("add_language_adapters needs at least one language code")
+    for p in raw.text.parameters():
+        p.requires_grad = False
+    config = spec.peft_config()
+    text = get_peft_model(raw.text, config, adapter_name=languages[0])
+    for lang in languages[1:]:
+        text.add_adapter(lang, spec.peft_config())
+    raw.text = text
+    mark_adapters_trainable(raw, languages)
+    return model
+
+
+def mark_adapters_trainable(model: torch.nn.Module, languages: Iterable[str]) -> None:
+    """requires_grad on every listed adapter (peft's set_adapter leaves only the active one)."""
+    for lang in languages:
+        for p in adapter_parameters(model, lang).values():
+            p.requires_grad = True
+
+
+def language_adapters(model: torch.nn.Module) -> list[str]:
+    """Names of the adapters on the text tower (language codes and/or `default`)."""
+    from peft import PeftModel
+
+    text = getattr(unwrap(model), "text", None)
+    return list(text.peft_config) if isinstance(text, PeftModel) else []
+
+
+def adapter_for(model: torch.nn.Module, lang: str) -> str | None:
+    """The adapter a language uses: its own, else the shared one, else None (base model)."""
+    names = language_adapters(model)
+    if lang in names:
+        return lang
+    return SHARED if SHARED in names else None
+
+
+def set_language(model: torch.nn.Module, lang: str, keep_trainable: bool = True) -> str | None:
+    """Activate the adapter for `lang` (see `adapter_for`); returns its name or None.
+
+    With no adapter for the language the adapter layers are disabled (base model). peft's
+    `set_adapter` makes only the active adapter trainable; `keep_trainable` restores
+    requires_grad on adapters that were trainable, so one optimizer can train them all.
+    """
+    raw = unwrap(model)
+    names = language_adapters(raw)
+    if not names:
+        return None
+    name = adapter_for(raw, lang)
+    tuner = raw.text.base_model
+    trainable = [n for n in names if any(p.requires_grad
+                                         for p in adapter_parameters(raw, n).values())]
+    if name is None:
+        tuner.disable_adapter_layers()
+    else:
+        tuner.enable_adapter_layers()
+        if raw.text.active_adapter != name:
+            raw.text.set_adapter(name)
+    if keep_trainable:
+        mark_adapters_trainable(raw, trainable)
+    return name
+
+
+@contextmanager
+def use_language(model: torch.nn.Module, lang: str):
+    """Context manager: the model speaks `lang` (its adapter active) inside the block."""
+    raw = unwrap(model)
+    names = language_adapters(raw)
+    previous = raw.text.active_adapter if names else None
+    try:
+        yield set_language(raw, lang)
+    finally:
+        if previous is not None:
+            set_language(raw, previous)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save_language_adapters(model: torch.nn.Module, out_dir: str | Path) -> dict[str, Path]:
+    """Save every adapter: `out_dir/<lang>/` (peft's layout; `default` lands in `out_dir`)."""
+    raw = unwrap(model)
+    names = language_adapters(raw)
+    if not names:
+        raise ValueError("this model has no adapters on its text tower")
+    out = Path(out_dir)
+    raw.text.save_pretrained(str(out), safe_serialization=True)
+    return {n: (out if n == SHARED else out / n) for n in names}
+
+
+def adapter_dirs(adapter_dir: str | Path) -> dict[str, Path]:
+    """Adapters saved in a folder: {name: dir} (`default` at the top, languages in subfolders)."""
+    root = Path(adapter_dir)
+    found: dict[str, Path] = {}
+    if (root / CONFIG_FILE).exists():
+        found[SHARED] = root
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        if (sub / CONFIG_FILE).exists():
+            found[sub.name] = sub
+    return found
+
+
+def is_language_adapter_dir(adapter_dir: str | Path) -> bool:
+    """True when the folder holds per-language adapters (subfolders named by language)."""
+    return any(name != SHARED for name in adapter_dirs(adapter_dir))
+
+
+def load_language_adapters(model: torch.nn.Module, adapter_dir: str | Path,
+                           languages: Sequence[str] | None = None,
+                           trainable: bool = False) -> torch.nn.Module:
+    """Attach saved adapters (all, or those of `languages`) to a base model's text tower."""
+    from peft import PeftModel
+
+    raw = unwrap(model)
+    found = adapter_dirs(adapter_dir)
+    if languages is not None:
+        missing = [lang for lang in languages if lang not in found]
+        if missing:
+            raise FileNotFoundError(f"{adapter_dir}: no adapter for {missing}; "
+                                    f"found {sorted(found)}")
+        found = {k: v for k, v in found.items() if k in languages}
+    if not found:
+        raise FileNotFoundError(f"{adapter_dir}: no peft adapter ({CONFIG_FILE}) found")
+    items = list(found.items())
+    name, path = items[0]
+    raw.text = PeftModel.from_pretrained(raw.text, str(path), adapter_name=name,
+                                         is_trainable=trainable)
+    for name, path in items[1:]:
+        raw.text.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+    return model
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_with_adapters(bundle: Any, data: Any, name: str = "model",
+                           zero_shot: bool = True) -> dict[str, Any]:
+    """`training.evaluate.evaluate`, each language through its own adapter (`use_language`)."""
+    from training.evaluate import EvalData, evaluate
+
+    result: dict[str, Any] = {"model": name, "images": len(data.images), "languages": {}}
+    for lang, texts in data.texts.items():
+        if not texts:
+            continue
+        one = EvalData(images=data.images, texts={lang: texts},
+                       text_to_image={lang: data.text_to_image[lang]},
+                       labels=data.labels, classes=data.classes)
+        with use_language(bundle.model, lang) as adapter:
+            part = evaluate(bundle, one, name=name, zero_shot=zero_shot)
+        result["languages"][lang] = {**part["languages"][lang], "adapter": adapter}
+    return result
+
+
+# ----------------------------------------------------------------------------- disparity
+
+
+def spread(values: Mapping[str, float]) -> dict[str, float]:
+    """Disparity between languages: max - min and population standard deviation."""
+    xs = [float(v) for v in values.values()]
+    if not xs:
+        return {"max_min": math.nan, "std": math.nan, "mean": math.nan}
+    return {"max_min": max(xs) - min(xs), "std": statistics.pstdev(xs),
+            "mean": sum(xs) / len(xs)}

@@ -1,0 +1,376 @@
+"""Streaming babelcap shards into training batches.
+
+Shards are read with `pyarrow.dataset`, one row group at a time (memory stays flat however big
+the data). Each epoch the row groups are shuffled with the run's seed and split across ranks and
+DataLoader workers; rows pass a shuffle buffer; one caption per image per pass is drawn
+(CAPIVARA) or all are used. Batches are built inside the workers (tokenised text plus decoded
+images, or the precomputed image embeddings), so the main process only trains.
+
+The stream is a pure function of (seed, epoch, batch index): `skip_batches` lets a resumed run
+continue with exactly the batches the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipelines import schema
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- shard discovery
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Validated shard files on one filesystem."""
+
+    files: tuple[str, ...]
+    filesystem: Any  # pyarrow FileSystem
+    num_rows: int
+    infos: tuple[schema.FileInfo, ...]
+
+    @property
+    def fs(self) -> Any:
+        return self.filesystem or pafs.LocalFileSystem()
+
+    @property
+    def embedding_models(self) -> set[str]:
+        return {
+            str(i.models.get("embedder") or i.models.get("embedding_model") or "")
+            for i in self.infos
+        } - {""}
+
+
+def _expand(spec: str) -> tuple[list[str], Any]:
+    if "://" in spec and not spec.startswith("file://"):
+        fs, root = pafs.FileSystem.from_uri(spec)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.Directory:
+            sel = pafs.FileSelector(root, recursive=True)
+            return sorted(f.path for f in fs.get_file_info(sel) if f.path.endswith(".parquet")), fs
+        return [root], fs
+    spec = spec.removeprefix("file://")
+    if os.path.isdir(spec):
+        return sorted(glob.glob(os.path.join(spec, "**", "*.parquet"), recursive=True)), None
+    if any(c in spec for c in "*?["):
+        return sorted(glob.glob(spec, recursive=True)), None
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"shard path {spec!r} does not exist")
+    return [spec], None
+
+
+def find_shards(specs: str | Sequence[str]) -> ShardSet:
+    """Expand files / folders / globs / URIs and validate every shard against the contract.
+
+    Dead-letter files found inside folders are skipped; anything else that does not follow
+    `pipelines.schema` raises `schema.SchemaError` naming the file and the column.
+    """
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    files: list[str] = []
+    infos: list[schema.FileInfo] = []
+    filesystem = None
+    for spec in specs:
+        paths, fs = _expand(spec)
+        if not paths:
+            raise FileNotFoundError(f"no Parquet shards found at {spec!r}")
+        if fs is not None:
+            filesystem = fs
+        explicit = len(paths) == 1 and not os.path.isdir(spec) and "*" not in spec
+        for path in paths:
+            info = schema.read_file_info(path, filesystem=fs)
+            if info.kind == schema.KIND_DEAD_LETTER and not explicit:
+                continue
+            infos.append(schema.validate(path, filesystem=fs))
+            files.append(path)
+    if not files:
+        raise FileNotFoundError(f"no shard files (only dead-letter files) in {specs}")
+    return ShardSet(tuple(files), filesystem, sum(i.num_rows for i in infos), tuple(infos))
+
+
+# ----------------------------------------------------------------------------- caption choice
+
+
+@dataclass(frozen=True)
+class CaptionSelection:
+    """Which captions of a row count as training text."""
+
+    languages: tuple[str, ...] | None = None
+    origins: tuple[str, ...] | None = None  # None: every origin except "gold"
+    min_score: float | None = None
+    top_k: int | None = None
+
+    def select(self, captions: Sequence[dict[str, Any]]) -> list[int]:
+        """Indices of the captions to use, in row order."""
+        origins = self.origins or tuple(o for o in schema.ORIGINS if o != schema.ORIGIN_GOLD)
+        keep = [
+            i
+            for i, c in enumerate(captions)
+            if (self.languages is None or c["language"] in self.languages)
+            and c["origin"] in origins
+            and (self.min_score is None or c.get("score") is None or c["score"] >= self.min_score)
+        ]
+        if self.top_k is None:
+            return keep
+        by_lang: dict[str, list[int]] = {}
+        for i in keep:
+            by_lang.setdefault(captions[i]["language"], []).append(i)
+        chosen: set[int] = set()
+        for idx in by_lang.values():
+            ranked = sorted(idx, key=lambda i: -(captions[i].get("score") or 0.0))
+            chosen.update(ranked[: self.top_k])
+        return [i for i in keep if i in chosen]
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+@dataclass
+class StreamConfig:
+    batch_size: int = 64
+    shuffle_buffer: int = 2048
+    seed: int = 0
+    caption_mode: str = "one"  # "one" | "all"
+    use_embeddings: bool = False
+    expected_embedding_model: str | None = None
+    image_root: str | None = None
+    with_source: bool = False
+    drop_last: bool = True
+
+
+class ShardStream(IterableDataset):
+    """An iterable of ready batches: {"text", "images" | "image_features", "languages", ...}."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        selection: CaptionSelection,
+        config: StreamConfig,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None,
+        preprocess: Callable[[Any], torch.Tensor] | None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if config.caption_mode not in ("one", "all"):
+            raise ValueError(f"caption_mode must be 'one' or 'all', got {config.caption_mode!r}")
+        self.shards = shards
+        self.selection = selection
+        self.cfg = config
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.skip_batches = 0  # batches of this epoch already consumed (resume)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def estimated_batches(self) -> int:
+        """Batches per epoch in "one" mode (one sample per row), across all ranks."""
+        return max(1, self.shards.num_rows // self.cfg.batch_size)
+
+    # -- units of work: (file, row group), shuffled per epoch
+    def _units(self) -> list[tuple[str, int]]:
+        units: list[tuple[str, int]] = []
+        fmt = ds.ParquetFileFormat()
+        for path in self.shards.files:
+            frag = fmt.make_fragment(path, filesystem=self.shards.fs)
+            units.extend((path, rg.id) for rg in frag.row_groups)
+        random.Random(f"{self.cfg.seed}:{self.epoch}:units").shuffle(units)
+        return units
+
+    def _columns(self) -> list[str]:
+        cols = ["image_id", "captions"]
+        if self.cfg.use_embeddings:
+            cols += ["embedding", "embedding_model"]
+        else:
+            cols += ["image", "source_uri"]
+        return cols
+
+    def _rows(self, units: list[tuple[str, int]]) -> Iterator[tuple[str, dict[str, Any]]]:
+        fmt = ds.ParquetFileFormat()
+        cols = self._columns()
+        for path, rg in units:
+            frag = fmt.make_fragment(path, filesystem=self.shards.fs, row_groups=[rg])
+            try:
+                table = frag.to_table(columns=cols)
+            except (pa.ArrowInvalid, KeyError) as exc:
+                raise schema.SchemaError(f"{path}: cannot read columns {cols}: {exc}") from exc
+            yield from ((path, row) for row in table.to_pylist())
+
+    def _samples(self, units, rng: random.Random) -> Iterator[dict[str, Any]]:
+        for path, row in self._rows(units):
+            captions = row["captions"] or []
+            chosen = self.selection.select(captions)
+            if not chosen:
+                continue
+            if self.cfg.caption_mode == "one":
+                chosen = [rng.choice(chosen)]
+            for i in chosen:
+                yield {
+                    "path": path,
+                    "row": row,
+                    "caption": captions[i],
+                    "source": self._source_text(captions, i),
+                }
+
+    @staticmethod
+    def _source_text(captions: Sequence[dict[str, Any]], i: int) -> str | None:
+        src = captions[i].get("source_index")
+        # Follow the chain back to the caption that was not translated.
+        seen = set()
+        while src is not None and 0 <= src < len(captions) and src not in seen:
+            seen.add(src)
+            i = src
+            src = captions[i].get("source_index")
+        return captions[i]["text"] if seen else None
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random):
+        size = max(1, self.cfg.shuffle_buffer)
+        buf: list[dict[str, Any]] = []
+        for s in samples:
+            if len(buf) < size:
+                buf.append(s)
+                continue
+            j = rng.randrange(size)
+            yield buf[j]
+            buf[j] = s
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        n_workers = info.num_workers if info is not None else 1
+        worker = info.id if info is not None else 0
+        # After resuming at batch B the DataLoader asks worker 0 first; worker w therefore plays
+        # the part of original worker (w + B) % W so the batch order is exactly the original one.
+        played = (worker + self.skip_batches) % n_workers
+        skip = max(0, (self.skip_batches - played + n_workers - 1) // n_workers)
+        total = n_workers * self.world_size
+        slot = self.rank * n_workers + played
+        units = self._units()[slot::total]
+        rng = random.Random(f"{self.cfg.seed}:{self.epoch}:{slot}:rows")
+        batch: list[dict[str, Any]] = []
+        produced = 0
+        for sample in self._shuffled(self._samples(units, rng), rng):
+            batch.append(sample)
+            if len(batch) == self.cfg.batch_size:
+                if produced >= skip:
+                    yield self.collate(batch)
+                produced += 1
+                batch = []
+        if batch and not self.cfg.drop_last and produced >= skip:
+            yield self.collate(batch)
+
+    # -- batch assembly
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = [s["caption"]["text"] for s in samples]
+        out: dict[str, Any] = {
+            "captions": texts,
+            "languages": [s["caption"]["language"] for s in samples],
+            "image_ids": [s["row"]["image_id"] for s in samples],
+        }
+        if self.tokenizer is not None:
+            out["text"] = self.tokenizer(texts)
+        if self.cfg.with_source:
+            sources = [s["source"] or s["caption"]["text"] for s in samples]
+            out["source_captions"] = sources
+            if self.tokenizer is not None:
+                out["source_text"] = self.tokenizer(sources)
+        if self.cfg.use_embeddings:
+            out["image_features"] = torch.stack([self._embedding(s) for s in samples])
+        else:
+            out["images"] = torch.stack([self._image(s) for s in samples])
+        return out
+
+    def _embedding(self, sample: dict[str, Any]) -> torch.Tensor:
+        row = sample["row"]
+        if row["embedding"] is None:
+            raise schema.SchemaError(
+                f"{sample['path']}: column 'embedding' is null for image "
+                f"{row['image_id']} (embedding mode needs it on every row)"
+            )
+        want = self.cfg.expected_embedding_model
+        if want is not None and row["embedding_model"] != want:
+            raise schema.SchemaError(
+                f"{sample['path']}: column 'embedding_model' is {row['embedding_model']!r} but the "
+                f"model's image tower is {want!r}; recompute the embeddings or use images"
+            )
+        return torch.tensor(row["embedding"], dtype=torch.float32)
+
+    def _image(self, sample: dict[str, Any]) -> torch.Tensor:
+        from PIL import Image
+
+        row = sample["row"]
+        image = row.get("image") or {}
+        if image.get("bytes"):
+            pil = Image.open(io.BytesIO(image["bytes"]))
+        else:
+            ref = image.get("path") or row.get("source_uri")
+            if not ref:
+                raise schema.SchemaError(
+                    f"{sample['path']}: column 'image' has neither bytes nor "
+                    f"path for image {row['image_id']}"
+                )
+            pil = Image.open(self._resolve(ref, sample["path"]))
+        pil = pil.convert("RGB")
+        if self.preprocess is None:
+            raise ValueError("image batches need the model's preprocess transform")
+        return self.preprocess(pil)
+
+    def _resolve(self, ref: str, shard_path: str) -> str:
+        if os.path.isabs(ref) or "://" in ref:
+            return ref
+        base = self.cfg.image_root or str(Path(shard_path).parent)
+        return os.path.join(base, ref)
+
+
+def detect_embeddings(shards: ShardSet, expected_model: str | None) -> tuple[bool, str]:
+    """Whether every shard carries embeddings of `expected_model` (first row group checked)."""
+    for path in shards.files:
+        frag = ds.ParquetFileFormat().make_fragment(path, filesystem=shards.fs)
+        table = frag.to_table(columns=["embedding", "embedding_model"])
+        if table.num_rows == 0:
+            continue
+        if table.column("embedding").null_count == table.num_rows:
+            return False, f"{path}: no embeddings"
+        models = set(table.column("embedding_model").to_pylist())
+        if expected_model is not None and models != {expected_model}:
+            return (
+                False,
+                f"{path}: embeddings made by {sorted(map(str, models))}, "
+                f"model's image tower is {expected_model}",
+            )
+    return True, "every shard has embeddings of this image tower"
+
+
+def make_loader(dataset: ShardStream, num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """A DataLoader over ready batches; its own generator keeps the global RNG untouched."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        generator=gen,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )

@@ -1,0 +1,107 @@
+"""Training methods: a method decides which parameters train and which loss they minimise.
+
+The trainer only calls `setup`, `train_mode` and `loss`, so new methods (translation
+alignment, per-language adapters, continual learning) plug in by subclassing `ClipMethod` and
+registering under a name used in `method.name` of the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from training.config import MethodConfig
+from training.lit import image_tower_locked, select_parameters
+from training.losses import clip_loss_fn
+from training.models import unwrap
+
+
+class ClipMethod:
+    """CLIP contrastive training with a tuning strategy: LiT + LoRA (CAPIVARA), full, frozen."""
+
+    name = "clip"
+
+    def __init__(self, cfg: MethodConfig, rank: int = 0, world_size: int = 1) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.clip_loss = clip_loss_fn(rank, world_size)
+
+    # -- parameters
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Choose the trainable parameters (may wrap submodules); returns the model."""
+        cfg = self.cfg
+        return select_parameters(
+            model,
+            image_tower=cfg.image_tower,
+            unlocked_groups=cfg.unlocked_groups,
+            text_tower=cfg.text_tower,
+            lora={
+                "r": cfg.lora_r,
+                "alpha": cfg.lora_alpha,
+                "dropout": cfg.lora_dropout,
+                "target_modules": tuple(cfg.lora_target_modules),
+                "modules_to_save": tuple(cfg.modules_to_save),
+            },
+            train_logit_scale=cfg.train_logit_scale,
+        )
+
+    def train_mode(self, model: torch.nn.Module) -> None:
+        """Train mode, but frozen towers stay in eval mode (no dropout, fixed norm stats)."""
+        model.train()
+        raw = unwrap(model)
+        if image_tower_locked(raw):
+            raw.visual.eval()
+        if self.cfg.text_tower == "frozen":
+            raw.text.eval()
+
+    # -- loss
+    def encode(self, model: torch.nn.Module, batch: dict[str, Any]):
+        """(normalised image features, normalised text features, logit scale) for a batch."""
+        raw = unwrap(model)
+        images = batch.get("images")
+        if "image_features" in batch:
+            image_features = F.normalize(batch["image_features"].float(), dim=-1)
+            images = None
+        elif image_tower_locked(raw):
+            with torch.no_grad():  # LiT: nothing to learn there, keep no activations
+                image_features = raw.encode_image(images, normalize=True)
+            images = None
+        else:
+            image_features = None
+        # The text (and a training image tower) go through the possibly DDP-wrapped model.
+        out = model(image=images, text=batch["text"])
+        if isinstance(out, dict):
+            img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        else:
+            img, txt, scale = out[0], out[1], out[2]
+        if image_features is None:
+            image_features = img
+        return image_features, txt, scale
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        image_features, text_features, scale = self.encode(model, batch)
+        loss = self.clip_loss(image_features.to(text_features.dtype), text_features, scale)
+        return loss, {"loss_clip": float(loss.detach())}
+
+    # -- extra state for plugins that carry some (teachers, language registries...)
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+METHODS: dict[str, type[ClipMethod]] = {"clip": ClipMethod, "capivara": ClipMethod}
+
+
+def register_method(name: str, cls: type[ClipMethod]) -> None:
+    METHODS[name] = cls
+
+
+def build_method(cfg: MethodConfig, rank: int = 0, world_size: int = 1) -> ClipMethod:
+    if cfg.name not in METHODS:
+        raise ValueError(f"unknown training method {cfg.name!r}; known: {sorted(METHODS)}")
+    return METHODS[cfg.name](cfg, rank=rank, world_size=world_size)

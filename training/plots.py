@@ -1,0 +1,64 @@
+"""Figures: the training curve and per-language evaluation bars (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
+    """Loss (and learning rate) against step from the trainer's metrics.jsonl."""
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="loss", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["lr"] for r in rows], label="lr", color="tab:orange", alpha=0.6)
+    ax2.set_ylabel("learning rate")
+    ax.set_title("training curve")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_language_bars(
+    results: Mapping[str, Mapping[str, Any]], out_png: str | Path, metric: str = "mean_recall"
+) -> Path:
+    """Grouped bars: one group per language, one bar per model (results: model -> eval JSON)."""
+    plt = _pyplot()
+    models = list(results)
+    languages = sorted({lang for r in results.values() for lang in r["languages"]})
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(languages), 4))
+    for i, model in enumerate(models):
+        vals = [results[model]["languages"].get(lang, {}).get(metric, 0.0) for lang in languages]
+        xs = [j + i * width for j in range(len(languages))]
+        ax.bar(xs, vals, width, label=model)
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(languages))])
+    ax.set_xticklabels(languages)
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{metric.replace('_', ' ')} per language")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)

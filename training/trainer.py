@@ -1,0 +1,455 @@
+"""The trainer: one loop for every method (CAPIVARA LiT+LoRA, full training, plugin methods).
+
+AdamW + cosine schedule with warmup, gradient accumulation and clipping, autocast (bf16/fp16 on
+GPU), gradient checkpointing, a tqdm bar (loss / lr / throughput), metrics JSONL and a curve
+PNG, safetensors checkpoints with optimizer state, and exact resume (same data order onward).
+
+Several GPUs: launch the same command with `torchrun --nproc_per_node N -m babelcap.cli train
+...` (or `accelerate launch`, which sets the same environment); each rank reads its share of the
+shards, DDP averages gradients and `ClipLoss` gathers features across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.config import TrainConfig
+from training.data import (
+    CaptionSelection,
+    ShardStream,
+    StreamConfig,
+    detect_embeddings,
+    find_shards,
+    make_loader,
+)
+from training.lit import enable_grad_checkpointing, image_tower_locked, is_peft_text
+from training.methods import ClipMethod, build_method
+from training.models import ClipBundle, count_parameters, image_tower_id, load_clip, unwrap
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"
+WEIGHTS = "trainable.safetensors"
+STATE = "state.pt"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    samples: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun / accelerate's environment."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on gains, biases and the logit scale (open_clip's convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = (
+            p.ndim < 2
+            or "bn" in name
+            or "ln" in name
+            or "bias" in name
+            or "logit_scale" in name
+            or "LayerNorm" in name
+        )
+        (no_decay if exclude else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir) / CKPT_DIR
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / STATE).exists())
+
+
+class Trainer:
+    """Build everything from a `TrainConfig` and run `fit()`."""
+
+    def __init__(
+        self, cfg: TrainConfig, bundle: ClipBundle | None = None, method: ClipMethod | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+        self.rank, self.world_size, local_rank = init_distributed()
+        self.device = resolve_device(cfg.run.device, local_rank)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        seed_everything(cfg.run.seed)
+
+        if bundle is None:
+            bundle = load_clip(
+                cfg.model.name,
+                cfg.model.pretrained,
+                text_tower=cfg.model.text_tower,
+                pretrained_text=cfg.model.pretrained_text,
+            )
+        self.bundle = bundle
+        self.method = method or build_method(cfg.method, self.rank, self.world_size)
+        model = self.method.setup(bundle.model)
+        bundle.model = model
+        locked = image_tower_locked(model)
+        if cfg.run.grad_checkpointing:
+            enable_grad_checkpointing(model, image_tower=not locked)
+        self.params = count_parameters(model)
+
+        # Data: the embedding column replaces the image tower only when it is fully locked.
+        self.shards = find_shards(cfg.data.train)
+        self.use_embeddings, why = self._embedding_mode(locked)
+        log.info(
+            "data: %d shard(s), %d rows; %s",
+            len(self.shards.files),
+            self.shards.num_rows,
+            "embeddings: " + why,
+        )
+        if self.use_embeddings and self.device.type != "cpu" and self.world_size == 1:
+            # The image tower never runs: leave it in host memory, off the accelerator.
+            visual, model.visual = model.visual, torch.nn.Identity()
+            model.to(self.device)
+            model.visual = visual
+        else:
+            model.to(self.device)
+        self.model: torch.nn.Module = model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+        data = cfg.data
+        self.dataset = ShardStream(
+            self.shards,
+            CaptionSelection(
+                languages=tuple(data.languages) if data.languages else None,
+                origins=tuple(data.origins) if data.origins else None,
+                min_score=data.min_score,
+                top_k=data.top_k,
+            ),
+            StreamConfig(
+                batch_size=data.batch_size,
+                shuffle_buffer=data.shuffle_buffer,
+                seed=cfg.run.seed,
+                caption_mode=data.captions,
+                use_embeddings=self.use_embeddings,
+                expected_embedding_model=image_tower_id(model) if self.use_embeddings else None,
+                image_root=data.image_root,
+                with_source=data.with_source,
+                drop_last=data.drop_last,
+            ),
+            tokenizer=bundle.tokenizer,
+            preprocess=bundle.preprocess_train if data.augment else bundle.preprocess_val,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+        opt = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps
+        )
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, opt.warmup_steps, opt.max_steps
+        )
+        self.amp_dtype = autocast_dtype(cfg.run.precision, self.device)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16
+        )
+        self.state = TrainState()
+        self.resumed_from: Path | None = None
+        if cfg.run.resume and checkpoints(self.out):
+            self.load_checkpoint(checkpoints(self.out)[-1])
+
+    # ------------------------------------------------------------------ setup helpers
+    def _embedding_mode(self, locked: bool) -> tuple[bool, str]:
+        mode = self.cfg.data.embeddings
+        if mode == "never":
+            return False, "not used (data.embeddings=never)"
+        if not locked:
+            if mode == "always":
+                raise ValueError(
+                    "data.embeddings=always needs a fully locked image tower "
+                    "(method.image_tower=locked, unlocked_groups=0)"
+                )
+            return False, "not used (the image tower trains)"
+        tower = image_tower_id(self.bundle.model)
+        ok, why = detect_embeddings(self.shards, tower)
+        if mode == "always" and not ok:
+            raise ValueError(f"data.embeddings=always but {why}")
+        return ok, why
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        return unwrap(self.model)
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        root = self.out / CKPT_DIR
+        final = root / f"step-{self.state.step:07d}"
+        tmp = root / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = {
+            n: p.detach().cpu().contiguous().clone()
+            for n, p in self.raw_model.named_parameters()
+            if p.requires_grad
+        }
+        save_file(weights, str(tmp / WEIGHTS))
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "train_state": asdict(self.state),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "method": self.method.state_dict(),
+            },
+            tmp / STATE,
+        )
+        self.cfg.save(tmp / "config.yaml")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(self.out)[: -max(1, self.cfg.run.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        weights = load_file(str(path / WEIGHTS))
+        params = dict(self.raw_model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        if missing:
+            raise ValueError(
+                f"{path}: checkpoint lacks trainable parameters {missing[:5]}... "
+                "(was it written with another method configuration?)"
+            )
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor.to(params[name].device))
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(**state["train_state"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.method.load_state_dict(state["method"])
+        self.resumed_from = path
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        max_steps, accum = cfg.optim.max_steps, max(1, cfg.optim.grad_accum)
+        is_main = self.rank == 0
+        if is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+        metrics_path = self.out / "metrics.jsonl"
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=max_steps,
+            initial=self.state.step,
+            desc="train",
+            unit="step",
+            disable=not (cfg.run.progress and is_main),
+            dynamic_ncols=True,
+        )
+        self.method.train_mode(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        window_loss, window_n, window_samples = 0.0, 0, 0
+        window_start = time.perf_counter()
+        last_loss = float("nan")
+        micro = 0
+        while self.state.step < max_steps:
+            self.dataset.set_epoch(self.state.epoch, skip_batches=self.state.batch_in_epoch)
+            loader = make_loader(self.dataset, cfg.data.num_workers, seed=cfg.run.seed)
+            got = 0
+            finished_epoch = True
+            for batch in loader:
+                got += 1
+                batch = self._to_device(batch)
+                micro += 1
+                sync = micro % accum == 0
+                ctx = (
+                    self.model.no_sync()
+                    if (self.world_size > 1 and not sync)
+                    else contextlib.nullcontext()
+                )
+                with ctx:
+                    with self._autocast():
+                        loss, logs = self.method.loss(self.model, batch)
+                    self.scaler.scale(loss / accum).backward()
+                n = len(batch["captions"])
+                self.state.batch_in_epoch += 1
+                self.state.samples += n * self.world_size
+                window_loss += float(loss.detach())
+                window_n += 1
+                window_samples += n * self.world_size
+                if not sync:
+                    continue
+                if cfg.optim.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.raw_model.parameters() if p.requires_grad],
+                        cfg.optim.grad_clip,
+                    )
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.step += 1
+                bar.update(1)
+                step = self.state.step
+                if step % cfg.run.log_every == 0 or step == max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    last_loss = window_loss / max(1, window_n)
+                    row = {
+                        "step": step,
+                        "epoch": self.state.epoch,
+                        "loss": last_loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "samples_per_s": window_samples / max(elapsed, 1e-9),
+                        "samples": self.state.samples,
+                        **{k: v for k, v in logs.items() if k != "loss"},
+                    }
+                    bar.set_postfix(
+                        loss=f"{last_loss:.3f}",
+                        lr=f"{row['lr']:.2e}",
+                        sps=f"{row['samples_per_s']:.0f}",
+                    )
+                    if is_main:
+                        with metrics_path.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    window_loss, window_n, window_samples = 0.0, 0, 0
+                    window_start = time.perf_counter()
+                if cfg.run.save_every and step % cfg.run.save_every == 0 and step < max_steps:
+                    self.save_checkpoint()
+                if step >= max_steps:
+                    finished_epoch = False
+                    break
+            if got == 0 and self.state.batch_in_epoch == 0:
+                raise ValueError(
+                    f"no training batches: {self.shards.num_rows} rows give no full batch of "
+                    f"{cfg.data.batch_size} with the caption selection (languages="
+                    f"{cfg.data.languages}, origins={cfg.data.origins})"
+                )
+            if finished_epoch:
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+        bar.close()
+        return self.finish(last_loss)
+
+    def finish(self, last_loss: float) -> dict[str, Any]:
+        ckpt = self.save_checkpoint()
+        summary: dict[str, Any] = {
+            "steps": self.state.step,
+            "epochs": self.state.epoch,
+            "samples": self.state.samples,
+            "final_loss": last_loss,
+            "parameters": self.params,
+            "trainable_percent": 100.0 * self.params["trainable"] / max(1, self.params["total"]),
+            "embeddings": self.use_embeddings,
+            "checkpoint": str(ckpt) if ckpt else None,
+            "output_dir": str(self.out),
+        }
+        if self.rank == 0:
+            if self.cfg.run.plot and (self.out / "metrics.jsonl").exists():
+                from training.plots import plot_training_curve
+
+                plot_training_curve(self.out / "metrics.jsonl", self.out / "training_curve.png")
+            if self.cfg.run.export:
+                from training.export import export_adapter, export_open_clip
+
+                summary["export"] = str(
+                    export_open_clip(self.bundle, self.out / "export", model=self.raw_model)
+                )
+                if is_peft_text(self.raw_model):
+                    summary["adapter"] = str(export_adapter(self.raw_model, self.out / "adapter"))
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def train(cfg: TrainConfig, bundle: ClipBundle | None = None) -> dict[str, Any]:
+    """Train from a config; returns the run summary (also written to output_dir/summary.json)."""
+    summary = Trainer(cfg, bundle=bundle).fit()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 exports before anyone leaves
+        dist.destroy_process_group()
+    return summary
+
+
+def estimated_steps(num_rows: int, batch_size: int, epochs: float) -> int:
+    """Optimizer steps for `epochs` passes in "one caption per image" mode."""
+    return max(1, math.ceil(epochs * num_rows / batch_size))

@@ -1,0 +1,223 @@
+"""The world's base CLIP: a small open_clip model with a Hugging Face XLM-R text tower, trained on
+English captions only with babelcap's own trainer (full-training mode).
+
+Like a real multilingual CLIP before language adaptation, its tokenizer covers every world
+language (a sentencepiece vocabulary trained on all of them, in XLM-R's layout) but its
+weights only ever saw English: good in English, poor elsewhere.
+
+Written into the model folder (`DIR/models/clip-base/`):
+
+    text/                          HF XLMRobertaConfig + tokenizer (+ the initial weights)
+    world-clip.json                open_clip model config ("hf_model_name": "text", relative)
+    open_clip_config.json          open_clip local-dir config (absolute paths)
+    open_clip_model.safetensors    the trained weights
+    eval.json                      per-language retrieval on the world's test split
+
+Load with `training.models.load_clip(DIR/models/clip-base)` or plain open_clip:
+`open_clip.create_model_and_transforms("local-dir:DIR/models/clip-base")`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from world.models import ModelSpec, register
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG = "world-clip.json"
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "vocab_size": 1000,
+    "text_width": 128,
+    "text_layers": 2,
+    "text_heads": 4,
+    "context_length": 24,
+    "embed_dim": 128,
+    "vision_width": 128,
+    "vision_layers": 3,
+    "vision_patch": 16,
+    "vision_head_width": 32,
+    "steps": 200,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "warmup": 40,
+    "seed": 0,
+}
+
+
+def train_tokenizer(world_dir: Path, out_dir: Path, vocab_size: int) -> Any:
+    """An XLM-R tokenizer whose sentencepiece vocabulary covers all world languages."""
+    import sentencepiece as spm
+    from transformers import XLMRobertaTokenizer
+
+    from world.grammar import LANGUAGES
+    from world.load import load_gold
+
+    texts = [
+        c
+        for lang in LANGUAGES
+        for row in load_gold(world_dir, lang, "train")
+        for c in row["captions"]
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = str(Path(tmp) / "spm")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_prefix=prefix,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            normalization_rule_name="nmt_nfkc",
+            minloglevel=2,
+            num_threads=1,
+        )
+        sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+        # XLM-R's layout: <s> <pad> </s> <unk> first, sentencepiece pieces after, <mask> last.
+        # Equal piece scores make the unigram (Viterbi) segmentation use the fewest pieces, so
+        # the learnt BPE pieces (mostly whole words here) are used whole.
+        vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+        vocab += [
+            (sp.id_to_piece(i), -1.0)
+            for i in range(sp.get_piece_size())
+            if not sp.is_control(i) and not sp.is_unknown(i)
+        ]
+        vocab.append(("<mask>", 0.0))
+    tokenizer = XLMRobertaTokenizer(vocab=vocab)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def write_text_tower(out_dir: Path, vocab_size: int, config: dict[str, Any]) -> None:
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    hf_config = XLMRobertaConfig(
+        vocab_size=vocab_size,
+        hidden_size=config["text_width"],
+        num_hidden_layers=config["text_layers"],
+        num_attention_heads=config["text_heads"],
+        intermediate_size=config["text_width"] * 4,
+        max_position_embeddings=config["context_length"] + 2,  # RoBERTa offsets positions by 2
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    torch.manual_seed(config["seed"])
+    XLMRobertaModel(hf_config, add_pooling_layer=False).save_pretrained(out_dir)
+
+
+def model_config(config: dict[str, Any], text_dir: str) -> dict[str, Any]:
+    return {
+        "embed_dim": config["embed_dim"],
+        "vision_cfg": {
+            "image_size": 64,
+            "layers": config["vision_layers"],
+            "width": config["vision_width"],
+            "head_width": config["vision_head_width"],
+            "patch_size": config["vision_patch"],
+        },
+        "text_cfg": {
+            "hf_model_name": text_dir,
+            "hf_tokenizer_name": text_dir,
+            "hf_proj_type": "linear",
+            "hf_pooler_type": "mean_pooler",
+            "context_length": config["context_length"],
+        },
+    }
+
+
+def _final_dir(out_dir: Path) -> Path:
+    # The registry builds into `<name>.partial` and renames it when done.
+    return out_dir.with_name(out_dir.name.removesuffix(".partial"))
+
+
+def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    from training.config import TrainConfig
+    from training.evaluate import evaluate, world_eval_data
+    from training.export import export_open_clip
+    from training.models import load_clip
+    from training.trainer import train
+    from training.world_shards import write_world_shards
+    from world.grammar import LANGUAGES
+
+    config = {**DEFAULT_CONFIG, **config}
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    text_dir = out_dir / "text"
+    tokenizer = train_tokenizer(world_dir, text_dir, config["vocab_size"])
+    write_text_tower(text_dir, len(tokenizer), config)
+    (out_dir / MODEL_CONFIG).write_text(json.dumps(model_config(config, "text"), indent=2))
+
+    with tempfile.TemporaryDirectory(prefix="babelcap-clip-base-") as tmp:
+        shards = write_world_shards(
+            world_dir, Path(tmp) / "shards", ["en"], split="train", with_alt_text=True
+        )
+        cfg = TrainConfig.from_dict(
+            {
+                "model": {"name": str(out_dir / MODEL_CONFIG)},
+                "data": {
+                    "train": [str(p) for p in shards],
+                    "languages": ["en"],
+                    "origins": ["gold", "source"],
+                    "batch_size": config["batch_size"],
+                    "shuffle_buffer": 1024,
+                    "embeddings": "never",
+                },
+                "method": {"image_tower": "trainable", "text_tower": "full"},
+                "optim": {
+                    "lr": config["lr"],
+                    "warmup_steps": config["warmup"],
+                    "max_steps": config["steps"],
+                    "weight_decay": 0.1,
+                },
+                "run": {
+                    "output_dir": str(Path(tmp) / "run"),
+                    "seed": config["seed"],
+                    "grad_checkpointing": False,
+                    "log_every": 25,
+                    "progress": False,
+                    "plot": False,
+                    "export": False,
+                    "resume": False,
+                },
+            }
+        )
+        bundle = load_clip(str(out_dir / MODEL_CONFIG))
+        summary = train(cfg, bundle=bundle)
+        shutil.copy(Path(tmp) / "run" / "metrics.jsonl", out_dir / "train_metrics.jsonl")
+    export_open_clip(bundle, out_dir, name="world-clip")
+    _fix_paths(out_dir)
+
+    reloaded = load_clip(str(out_dir))
+    results = evaluate(reloaded, world_eval_data(world_dir, LANGUAGES, "test"), name="clip-base")
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    mean_recall = {lang: round(m["mean_recall"], 2) for lang, m in results["languages"].items()}
+    log.info("clip-base mean recall on test: %s", mean_recall)
+    return {
+        "steps": summary["steps"],
+        "final_loss": summary["final_loss"],
+        "parameters": summary["parameters"]["total"],
+        "test_mean_recall": mean_recall,
+    }
+
+
+def _fix_paths(out_dir: Path) -> None:
+    """Relative text-tower paths in the plain config, absolute final ones for local-dir."""
+    cfg = json.loads((out_dir / MODEL_CONFIG).read_text())
+    cfg["text_cfg"]["hf_model_name"] = cfg["text_cfg"]["hf_tokenizer_name"] = "text"
+    (out_dir / MODEL_CONFIG).write_text(json.dumps(cfg, indent=2))
+    local = json.loads((out_dir / "open_clip_config.json").read_text())
+    final_text = str((_final_dir(out_dir) / "text").resolve())
+    local["model_cfg"]["text_cfg"]["hf_model_name"] = final_text
+    local["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = final_text
+    (out_dir / "open_clip_config.json").write_text(json.dumps(local, indent=2))
+
+
+register(ModelSpec("clip-base", "world.models.clip:build", DEFAULT_CONFIG))
