@@ -57,8 +57,9 @@ class AdapterSpec:
     @property
     def targets(self) -> list[str]:
         if self.kind not in DEFAULT_TARGETS:
-            raise ValueError(f"adapter kind must be one of {sorted(DEFAULT_TARGETS)}, "
-                             f"got {self.kind!r}")
+            raise ValueError(
+                f"adapter kind must be one of {sorted(DEFAULT_TARGETS)}, got {self.kind!r}"
+            )
         return list(self.target_modules or DEFAULT_TARGETS[self.kind])
 
     @property
@@ -71,13 +72,23 @@ class AdapterSpec:
 
         save = list(self.modules_to_save) or None
         if self.kind == "lora":
-            return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                              target_modules=self.targets, modules_to_save=save, bias="none")
+            return LoraConfig(
+                r=self.r,
+                lora_alpha=self.alpha,
+                lora_dropout=self.dropout,
+                target_modules=self.targets,
+                modules_to_save=save,
+                bias="none",
+            )
         if self.kind == "ia3":
-            return IA3Config(target_modules=self.targets,
-                             feedforward_modules=self.feedforward, modules_to_save=save)
-        raise ValueError(f"adapter kind must be one of {sorted(DEFAULT_TARGETS)}, "
-                         f"got {self.kind!r}")
+            return IA3Config(
+                target_modules=self.targets,
+                feedforward_modules=self.feedforward,
+                modules_to_save=save,
+            )
+        raise ValueError(
+            f"adapter kind must be one of {sorted(DEFAULT_TARGETS)}, got {self.kind!r}"
+        )
 
 
 # ----------------------------------------------------------------------------- size
@@ -141,15 +152,19 @@ def adapter_size(model: torch.nn.Module, name: str) -> dict[str, float]:
     """Size of one adapter: parameters and percent of the full model (PECTVLM: ~0.16%)."""
     params = sum(p.numel() for p in adapter_parameters(model, name).values())
     total = base_parameter_count(model)
-    return {"parameters": params, "model_parameters": total,
-            "percent": 100.0 * params / max(1, total)}
+    return {
+        "parameters": params,
+        "model_parameters": total,
+        "percent": 100.0 * params / max(1, total),
+    }
 
 
 # ----------------------------------------------------------------------------- attach / swap
 
 
-def add_language_adapters(model: torch.nn.Module, languages: Sequence[str],
-                          spec: AdapterSpec) -> torch.nn.Module:
+def add_language_adapters(
+    model: torch.nn.Module, languages: Sequence[str], spec: AdapterSpec
+) -> torch.nn.Module:
     """Wrap the text tower in a PeftModel with one adapter per language code (all trainable).
 
     `languages=["default"]` (or `[SHARED]`) gives one shared adapter. The base text tower is
@@ -159,8 +174,10 @@ def add_language_adapters(model: torch.nn.Module, languages: Sequence[str],
 
     raw = unwrap(model)
     if not (hasattr(raw, "text") and hasattr(raw.text, "transformer")):
-        raise ValueError("per-language adapters need an open_clip model with a Hugging Face "
-                         "text tower (text_cfg.hf_model_name)")
+        raise ValueError(
+            "per-language adapters need an open_clip model with a Hugging Face "
+            "text tower (text_cfg.hf_model_name)"
+        )
     languages = list(dict.fromkeys(languages))
     if not languages:
         raise ValueError("add_language_adapters needs at least one language code")
@@ -211,8 +228,9 @@ def set_language(model: torch.nn.Module, lang: str, keep_trainable: bool = True)
         return None
     name = adapter_for(raw, lang)
     tuner = raw.text.base_model
-    trainable = [n for n in names if any(p.requires_grad
-                                         for p in adapter_parameters(raw, n).values())]
+    trainable = [
+        n for n in names if any(p.requires_grad for p in adapter_parameters(raw, n).values())
+    ]
     if name is None:
         tuner.disable_adapter_layers()
     else:
@@ -268,9 +286,12 @@ def is_language_adapter_dir(adapter_dir: str | Path) -> bool:
     return any(name != SHARED for name in adapter_dirs(adapter_dir))
 
 
-def load_language_adapters(model: torch.nn.Module, adapter_dir: str | Path,
-                           languages: Sequence[str] | None = None,
-                           trainable: bool = False) -> torch.nn.Module:
+def load_language_adapters(
+    model: torch.nn.Module,
+    adapter_dir: str | Path,
+    languages: Sequence[str] | None = None,
+    trainable: bool = False,
+) -> torch.nn.Module:
     """Attach saved adapters (all, or those of `languages`) to a base model's text tower."""
     from peft import PeftModel
 
@@ -279,15 +300,17 @@ def load_language_adapters(model: torch.nn.Module, adapter_dir: str | Path,
     if languages is not None:
         missing = [lang for lang in languages if lang not in found]
         if missing:
-            raise FileNotFoundError(f"{adapter_dir}: no adapter for {missing}; "
-                                    f"found {sorted(found)}")
+            raise FileNotFoundError(
+                f"{adapter_dir}: no adapter for {missing}; found {sorted(found)}"
+            )
         found = {k: v for k, v in found.items() if k in languages}
     if not found:
         raise FileNotFoundError(f"{adapter_dir}: no peft adapter ({CONFIG_FILE}) found")
     items = list(found.items())
     name, path = items[0]
-    raw.text = PeftModel.from_pretrained(raw.text, str(path), adapter_name=name,
-                                         is_trainable=trainable)
+    raw.text = PeftModel.from_pretrained(
+        raw.text, str(path), adapter_name=name, is_trainable=trainable
+    )
     for name, path in items[1:]:
         raw.text.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
     return model
@@ -296,8 +319,9 @@ def load_language_adapters(model: torch.nn.Module, adapter_dir: str | Path,
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_with_adapters(bundle: Any, data: Any, name: str = "model",
-                           zero_shot: bool = True) -> dict[str, Any]:
+def evaluate_with_adapters(
+    bundle: Any, data: Any, name: str = "model", zero_shot: bool = True
+) -> dict[str, Any]:
     """`training.evaluate.evaluate`, each language through its own adapter (`use_language`)."""
     from training.evaluate import EvalData, evaluate
 
@@ -305,9 +329,13 @@ def evaluate_with_adapters(bundle: Any, data: Any, name: str = "model",
     for lang, texts in data.texts.items():
         if not texts:
             continue
-        one = EvalData(images=data.images, texts={lang: texts},
-                       text_to_image={lang: data.text_to_image[lang]},
-                       labels=data.labels, classes=data.classes)
+        one = EvalData(
+            images=data.images,
+            texts={lang: texts},
+            text_to_image={lang: data.text_to_image[lang]},
+            labels=data.labels,
+            classes=data.classes,
+        )
         with use_language(bundle.model, lang) as adapter:
             part = evaluate(bundle, one, name=name, zero_shot=zero_shot)
         result["languages"][lang] = {**part["languages"][lang], "adapter": adapter}
@@ -322,5 +350,4 @@ def spread(values: Mapping[str, float]) -> dict[str, float]:
     xs = [float(v) for v in values.values()]
     if not xs:
         return {"max_min": math.nan, "std": math.nan, "mean": math.nan}
-    return {"max_min": max(xs) - min(xs), "std": statistics.pstdev(xs),
-            "mean": sum(xs) / len(xs)}
+    return {"max_min": max(xs) - min(xs), "std": statistics.pstdev(xs), "mean": sum(xs) / len(xs)}

@@ -58,12 +58,13 @@ class Pairing:
 
 
 PAIRINGS: dict[str, Pairing] = {
-    "native-en": Pairing(("gold", "source"), False,
-                         "native target caption <-> original English"),
-    "native-mt": Pairing(("translated",), False,
-                         "MT(English -> target) caption <-> its English source"),
-    "translate-test": Pairing(("translated",), True,
-                              "MT(target -> English) caption <-> original English"),
+    "native-en": Pairing(("gold", "source"), False, "native target caption <-> original English"),
+    "native-mt": Pairing(
+        ("translated",), False, "MT(English -> target) caption <-> its English source"
+    ),
+    "translate-test": Pairing(
+        ("translated",), True, "MT(target -> English) caption <-> original English"
+    ),
 }
 
 
@@ -85,20 +86,27 @@ class AlignmentOptions:
         options = dict(options or {})
         unknown = set(options) - known
         if unknown:
-            raise ValueError(f"unknown alignment option(s) {sorted(unknown)}; known: "
-                             f"{sorted(known)}")
+            raise ValueError(
+                f"unknown alignment option(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
         opts = cls(**options)
-        checks = {"loss": ("mse", "infonce"), "teacher": ("frozen", "self"),
-                  "pairing": tuple(PAIRINGS), "adapters": ("per_language", "shared", "none")}
+        checks = {
+            "loss": ("mse", "infonce"),
+            "teacher": ("frozen", "self"),
+            "pairing": tuple(PAIRINGS),
+            "adapters": ("per_language", "shared", "none"),
+        }
         for name, allowed in checks.items():
             if getattr(opts, name) not in allowed:
-                raise ValueError(f"method.options.{name} must be one of {allowed}, "
-                                 f"got {getattr(opts, name)!r}")
+                raise ValueError(
+                    f"method.options.{name} must be one of {allowed}, got {getattr(opts, name)!r}"
+                )
         return opts
 
 
-def alignment_loss(student: torch.Tensor, anchor: torch.Tensor, kind: str = "mse",
-                   temperature: float = 0.05) -> torch.Tensor:
+def alignment_loss(
+    student: torch.Tensor, anchor: torch.Tensor, kind: str = "mse", temperature: float = 0.05
+) -> torch.Tensor:
     """Loss between normalised student and anchor embeddings (rows are parallel pairs)."""
     if student.shape[0] == 0:
         return student.sum() * 0.0
@@ -139,8 +147,10 @@ class AlignmentMethod(ClipMethod):
         self.opts = AlignmentOptions.from_options(cfg.options)
         self.teacher: torch.nn.Module | None = None
         if self.opts.adapters == "per_language" and world_size > 1:
-            raise ValueError("per-language adapters train in one process (the batch is split "
-                             "by language outside DDP); use adapters: shared with several GPUs")
+            raise ValueError(
+                "per-language adapters train in one process (the batch is split "
+                "by language outside DDP); use adapters: shared with several GPUs"
+            )
 
     # -- parameters
     @property
@@ -149,9 +159,11 @@ class AlignmentMethod(ClipMethod):
             return [ad.SHARED]
         langs = list(self.opts.languages or [])
         if not langs:
-            raise ValueError("per-language adapters need the languages: set "
-                             "method.options.languages (or data.languages with `babelcap "
-                             "train`)")
+            raise ValueError(
+                "per-language adapters need the languages: set "
+                "method.options.languages (or data.languages with `babelcap "
+                "train`)"
+            )
         return langs
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -163,15 +175,23 @@ class AlignmentMethod(ClipMethod):
         if self.opts.adapters == "none":
             return super().setup(model)
         cfg = self.cfg
-        model = select_parameters(model, image_tower=cfg.image_tower,
-                                  unlocked_groups=cfg.unlocked_groups, text_tower="frozen",
-                                  train_logit_scale=cfg.train_logit_scale)
+        model = select_parameters(
+            model,
+            image_tower=cfg.image_tower,
+            unlocked_groups=cfg.unlocked_groups,
+            text_tower="frozen",
+            train_logit_scale=cfg.train_logit_scale,
+        )
         spec = ad.AdapterSpec.from_options(self.opts.adapter)
         ad.add_language_adapters(model, self.adapter_names, spec)
         for name in self.adapter_names:
             size = ad.adapter_size(model, name)
-            log.info("adapter %s: %d parameters (%.3f%% of the model)", name,
-                     size["parameters"], size["percent"])
+            log.info(
+                "adapter %s: %d parameters (%.3f%% of the model)",
+                name,
+                size["parameters"],
+                size["percent"],
+            )
         return model
 
     def train_mode(self, model: torch.nn.Module) -> None:
@@ -212,16 +232,19 @@ class AlignmentMethod(ClipMethod):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         if "source_text" not in batch:
-            raise ValueError("the alignment method needs each caption's English source: set "
-                             "data.with_source: true")
+            raise ValueError(
+                "the alignment method needs each caption's English source: set "
+                "data.with_source: true"
+            )
         raw = unwrap(model)
         opts = self.opts
         image_features = self._image_features(model, batch)
         scale = raw.logit_scale.exp()
         # Captions without a link come back as their own source: nothing to align there.
-        linked = torch.tensor([s != c for s, c in zip(batch["source_captions"],
-                                                     batch["captions"], strict=True)],
-                              device=batch["text"].device)
+        linked = torch.tensor(
+            [s != c for s, c in zip(batch["source_captions"], batch["captions"], strict=True)],
+            device=batch["text"].device,
+        )
         n = len(batch["captions"])
         total = image_features.new_zeros(())
         clip_sum, align_sum = 0.0, 0.0

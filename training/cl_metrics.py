@@ -36,8 +36,10 @@ def _check(acc: Matrix, stage: int) -> int:
     if not 0 <= stage < rows:
         raise ValueError(f"stage {stage} out of range for a matrix with {rows} rows")
     if len(acc[stage]) < stage + 1:
-        raise ValueError(f"row {stage} has {len(acc[stage])} columns; needs at least {stage + 1} "
-                         "(base language + one per learned language)")
+        raise ValueError(
+            f"row {stage} has {len(acc[stage])} columns; needs at least {stage + 1} "
+            "(base language + one per learned language)"
+        )
     return stage
 
 
@@ -58,8 +60,7 @@ def forgetting(acc: Matrix, stage: int = -1) -> float:
 
     Languages 1..stage-1 count; 0.0 when there is none (after the first language)."""
     t = _check(acc, stage)
-    drops = [max(float(acc[lvl][j]) for lvl in range(j, t)) - float(acc[t][j])
-             for j in range(1, t)]
+    drops = [max(float(acc[lvl][j]) for lvl in range(j, t)) - float(acc[t][j]) for j in range(1, t)]
     return sum(drops) / len(drops) if drops else 0.0
 
 
@@ -78,8 +79,15 @@ def summarize(acc: Matrix) -> dict[str, object]:
         "AA": average_accuracy(acc) if len(acc) > 1 else math.nan,
         "F": forgetting(acc),
         "F_en": english_forgetting(acc),
-        "per_stage": [{"stage": t, "AA": average_accuracy(acc, t), "F": forgetting(acc, t),
-                       "F_en": english_forgetting(acc, t)} for t in stages],
+        "per_stage": [
+            {
+                "stage": t,
+                "AA": average_accuracy(acc, t),
+                "F": forgetting(acc, t),
+                "F_en": english_forgetting(acc, t),
+            }
+            for t in stages
+        ],
     }
 
 

@@ -78,8 +78,9 @@ class ContinualOptions:
         options = dict(options or {})
         unknown = set(options) - known
         if unknown:
-            raise ValueError(f"unknown continual option(s) {sorted(unknown)}; known: "
-                             f"{sorted(known)}")
+            raise ValueError(
+                f"unknown continual option(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
         return cls(**options)
 
 
@@ -95,17 +96,27 @@ def train_vocabulary(texts: Sequence[str], vocab_size: int) -> list[tuple[str, f
         raise ValueError("no captions to train a vocabulary on")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
-        model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
-        normalization_rule_name="nmt_nfkc", minloglevel=2, num_threads=1,  # 1 thread: deterministic
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        normalization_rule_name="nmt_nfkc",
+        minloglevel=2,
+        num_threads=1,  # 1 thread: deterministic
     )
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
-    return [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())
-            if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))]
+    return [
+        (sp.id_to_piece(i), sp.get_score(i))
+        for i in range(sp.get_piece_size())
+        if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))
+    ]
 
 
-def extend_tokenizer(tokenizer: Any, pieces: Iterable[tuple[str, float]],
-                     out_dir: str | Path) -> tuple[Any, list[int]]:
+def extend_tokenizer(
+    tokenizer: Any, pieces: Iterable[tuple[str, float]], out_dir: str | Path
+) -> tuple[Any, list[int]]:
     """Add the pieces the tokenizer lacks to its unigram model; save to `out_dir` and reload.
 
     The pieces join the sentencepiece (unigram) vocabulary with their scores (raised where needed
@@ -121,12 +132,16 @@ def extend_tokenizer(tokenizer: Any, pieces: Iterable[tuple[str, float]],
     data = json.loads(backend.to_str())
     model = data["model"]
     if model.get("type") != "Unigram":
-        raise ValueError(f"extending the vocabulary needs a sentencepiece unigram tokenizer "
-                         f"(XLM-R style), got a {model.get('type')} model")
+        raise ValueError(
+            f"extending the vocabulary needs a sentencepiece unigram tokenizer "
+            f"(XLM-R style), got a {model.get('type')} model"
+        )
     size = len(model["vocab"])
     if any(t["id"] >= size for t in data.get("added_tokens", [])):
-        raise ValueError("the tokenizer has added tokens beyond its unigram vocabulary; "
-                         "cannot append pieces without moving their ids")
+        raise ValueError(
+            "the tokenizer has added tokens beyond its unigram vocabulary; "
+            "cannot append pieces without moving their ids"
+        )
     known = {piece for piece, _ in model["vocab"]}
     scores = [float(score) for _, score in model["vocab"]]
     new = []
@@ -155,7 +170,7 @@ def token_usage(tokenizer: Any, texts: Iterable[str]) -> set[int]:
     used: set[int] = set()
     texts = list(texts)
     for i in range(0, len(texts), 1024):
-        for ids in tokenizer(texts[i: i + 1024], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(texts[i : i + 1024], add_special_tokens=False)["input_ids"]:
             used.update(ids)
     return used - special
 
@@ -168,9 +183,13 @@ def word_embeddings(model: torch.nn.Module) -> torch.nn.Embedding:
     return text_transformer(unwrap(model)).get_input_embeddings()
 
 
-def grow_embeddings(model: torch.nn.Module, new_size: int, init: str = "teir",
-                    exclude_ids: Iterable[int] = (), generator: torch.Generator | None = None
-                    ) -> int:
+def grow_embeddings(
+    model: torch.nn.Module,
+    new_size: int,
+    init: str = "teir",
+    exclude_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+) -> int:
     """Grow the token-embedding matrix to `new_size` rows (old rows kept); returns the old size.
 
     init "teir": new rows ~ N(mean, std) of the existing rows, per dimension (special rows in
@@ -205,8 +224,13 @@ def grow_embeddings(model: torch.nn.Module, new_size: int, init: str = "teir",
     return old_size
 
 
-def teir_row_scale(vocab_size: int, current: set[int], earlier: Sequence[set[int]],
-                   special_ids: Iterable[int] = (), teir: bool = True) -> torch.Tensor:
+def teir_row_scale(
+    vocab_size: int,
+    current: set[int],
+    earlier: Sequence[set[int]],
+    special_ids: Iterable[int] = (),
+    teir: bool = True,
+) -> torch.Tensor:
     """Per-row scale of gradient and update.
 
     TEIR: 1[row used by the current language] / (1 + number of earlier languages using it).
@@ -253,14 +277,17 @@ class RowScaledUpdate:
             return
         with torch.no_grad():
             s = self.scale.unsqueeze(1)
-            self.param.copy_(torch.where(s == 0, self._before,
-                                         self._before + s * (self.param - self._before)))
+            self.param.copy_(
+                torch.where(s == 0, self._before, self._before + s * (self.param - self._before))
+            )
         self._before = None
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RowScaledUpdate:
-        self._handles = [self.param.register_hook(self._grad_hook),
-                         optimizer.register_step_pre_hook(self._pre),
-                         optimizer.register_step_post_hook(self._post)]
+        self._handles = [
+            self.param.register_hook(self._grad_hook),
+            optimizer.register_step_pre_hook(self._pre),
+            optimizer.register_step_post_hook(self._post),
+        ]
         return self
 
     def remove(self) -> None:
@@ -292,8 +319,14 @@ class ContinualMethod(ClipMethod):
 
     name = "continual"
 
-    def __init__(self, cfg: MethodConfig, rank: int = 0, world_size: int = 1,
-                 teacher: ClipBundle | None = None, row_scale: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MethodConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        teacher: ClipBundle | None = None,
+        row_scale: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(cfg, rank, world_size)
         self.opts = ContinualOptions.from_options(cfg.options)
         self.teacher = teacher
@@ -339,8 +372,9 @@ class ContinualMethod(ClipMethod):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         if "source_captions" not in batch:
-            raise ValueError("continual learning needs each caption's English source: set "
-                             "data.with_source: true")
+            raise ValueError(
+                "continual learning needs each caption's English source: set data.with_source: true"
+            )
         raw = unwrap(model)
         opts = self.opts
         text = raw.encode_text(batch["text"]).float()
@@ -375,16 +409,16 @@ def _image_tower_check(model: torch.nn.Module) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def shard_captions(specs: Sequence[str], language: str, origins: Sequence[str] | None,
-                   limit: int | None = None) -> list[str]:
+def shard_captions(
+    specs: Sequence[str], language: str, origins: Sequence[str] | None, limit: int | None = None
+) -> list[str]:
     """Caption texts of one language in the shards (for the language's vocabulary)."""
     import pyarrow.dataset as ds
 
     from training.data import CaptionSelection, find_shards
 
     shards = find_shards(specs)
-    selection = CaptionSelection(languages=(language,),
-                                 origins=tuple(origins) if origins else None)
+    selection = CaptionSelection(languages=(language,), origins=tuple(origins) if origins else None)
     texts: list[str] = []
     dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.filesystem)
     for batch in dataset.to_batches(columns=["captions"]):
@@ -396,9 +430,13 @@ def shard_captions(specs: Sequence[str], language: str, origins: Sequence[str] |
     return texts
 
 
-def plot_accuracy_matrix(acc: Sequence[Sequence[float]], stages: Sequence[str],
-                         languages: Sequence[str], path: str | Path,
-                         title: str = "mean recall after each stage") -> Path:
+def plot_accuracy_matrix(
+    acc: Sequence[Sequence[float]],
+    stages: Sequence[str],
+    languages: Sequence[str],
+    path: str | Path,
+    title: str = "mean recall after each stage",
+) -> Path:
     """Heatmap of the accuracy matrix (stages x languages) with the values written in."""
     import matplotlib
 
@@ -416,8 +454,14 @@ def plot_accuracy_matrix(acc: Sequence[Sequence[float]], stages: Sequence[str],
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if not math.isnan(data[i, j]):
-                ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center",
-                        color="white" if data[i, j] < 0.6 * np.nanmax(data) else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{data[i, j]:.1f}",
+                    ha="center",
+                    va="center",
+                    color="white" if data[i, j] < 0.6 * np.nanmax(data) else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title)
     fig.tight_layout()
@@ -435,11 +479,15 @@ class ContinualRun:
         self.opts = ContinualOptions.from_options(cfg.method.options)
         self.languages = list(self.opts.languages or cfg.data.languages or [])
         if not self.languages:
-            raise ValueError("continual learning needs languages: --languages pt,de,hi "
-                             "(or data.languages / method.options.languages)")
+            raise ValueError(
+                "continual learning needs languages: --languages pt,de,hi "
+                "(or data.languages / method.options.languages)"
+            )
         if self.opts.base_language in self.languages:
-            raise ValueError(f"the base language {self.opts.base_language!r} is where the "
-                             "model starts; list only the new languages")
+            raise ValueError(
+                f"the base language {self.opts.base_language!r} is where the "
+                "model starts; list only the new languages"
+            )
         self.out = Path(cfg.run.output_dir)
 
     # -- evaluation
@@ -469,8 +517,9 @@ class ContinualRun:
         usage: dict[str, list[int]] = {}
         base = self.opts.base_language
         if self.opts.count_base_language:
-            texts = shard_captions(self.cfg.data.train, base, schema.ORIGINS,
-                                   self.opts.max_vocab_captions)
+            texts = shard_captions(
+                self.cfg.data.train, base, schema.ORIGINS, self.opts.max_vocab_captions
+            )
             if texts:
                 usage[base] = sorted(token_usage(bundle.tokenizer.tokenizer, texts))
         return {"teacher": model_dir, "languages": [base], "usage": usage}
@@ -481,16 +530,19 @@ class ContinualRun:
         cfg, opts = self.cfg, self.opts
         self.out.mkdir(parents=True, exist_ok=True)
         start = cfg.model.name
-        bundle = load_clip(start, cfg.model.pretrained, text_tower=cfg.model.text_tower,
-                           pretrained_text=cfg.model.pretrained_text)
+        bundle = load_clip(
+            start,
+            cfg.model.pretrained,
+            text_tower=cfg.model.text_tower,
+            pretrained_text=cfg.model.pretrained_text,
+        )
         state = self._initial_state(start, bundle)
         teacher_dir = opts.teacher or state.get("teacher") or start
         # The frozen teacher: the model before the first stage (its own tokenizer included).
         teacher = load_clip(teacher_dir, cfg.model.pretrained if teacher_dir == start else None)
         teacher.model.eval()
         base = opts.base_language
-        eval_langs = [base, *[lang for lang in state["languages"] if lang != base],
-                      *self.languages]
+        eval_langs = [base, *[lang for lang in state["languages"] if lang != base], *self.languages]
         eval_langs = list(dict.fromkeys(eval_langs))
         eval_data = self._eval_data(eval_langs)
 
@@ -501,13 +553,21 @@ class ContinualRun:
         for k, lang in enumerate(self.languages, 1):
             stage_dir = self.out / f"stage-{k}-{lang}"
             done = stage_dir / "export" / STATE_FILE
-            if cfg.run.resume and done.is_file() and \
-                    json.loads(done.read_text())["languages"] == [*state["languages"], lang]:
+            if (
+                cfg.run.resume
+                and done.is_file()
+                and json.loads(done.read_text())["languages"] == [*state["languages"], lang]
+            ):
                 log.info("continual stage %d (%s): already done in %s", k, lang, stage_dir)
                 summary = json.loads((stage_dir / "summary.json").read_text())
-                summary.update({"language": lang, "resumed": True,
-                                "new_tokens": json.loads(done.read_text())["added_tokens"][lang],
-                                "vocab_size": json.loads(done.read_text())["vocab_size"]})
+                summary.update(
+                    {
+                        "language": lang,
+                        "resumed": True,
+                        "new_tokens": json.loads(done.read_text())["added_tokens"][lang],
+                        "vocab_size": json.loads(done.read_text())["vocab_size"],
+                    }
+                )
             else:
                 _, summary = self._stage(current, lang, state, teacher, stage_dir, k)
             current = str(stage_dir / "export")
@@ -519,8 +579,15 @@ class ContinualRun:
             log.info("continual stage %d (%s): %s", k, lang, acc_rows[-1])
         return self._report(stages, eval_langs, acc_rows, summaries, current, state)
 
-    def _stage(self, current: str, lang: str, state: dict[str, Any], teacher: ClipBundle,
-               stage_dir: Path, k: int) -> tuple[ClipBundle, dict[str, Any]]:
+    def _stage(
+        self,
+        current: str,
+        lang: str,
+        state: dict[str, Any],
+        teacher: ClipBundle,
+        stage_dir: Path,
+        k: int,
+    ) -> tuple[ClipBundle, dict[str, Any]]:
         from training.models import load_clip
         from training.trainer import Trainer
 
@@ -534,13 +601,26 @@ class ContinualRun:
         grown, added = extend_tokenizer(hf_tok, pieces, stage_dir / "tokenizer")
         bundle.tokenizer.tokenizer = grown
         gen = torch.Generator().manual_seed(opts.seed + k)
-        old = grow_embeddings(bundle.model, len(grown), "teir" if opts.teir else "plain",
-                              exclude_ids=grown.all_special_ids, generator=gen)
+        old = grow_embeddings(
+            bundle.model,
+            len(grown),
+            "teir" if opts.teir else "plain",
+            exclude_ids=grown.all_special_ids,
+            generator=gen,
+        )
         used = token_usage(grown, texts)
         earlier = [set(v) for v in state["usage"].values()]
         scale = teir_row_scale(len(grown), used, earlier, grown.all_special_ids, teir=opts.teir)
-        log.info("stage %d (%s): %d captions, %d new tokens (vocab %d -> %d), %d rows train",
-                 k, lang, len(texts), len(added), old, len(grown), int((scale > 0).sum()))
+        log.info(
+            "stage %d (%s): %d captions, %d new tokens (vocab %d -> %d), %d rows train",
+            k,
+            lang,
+            len(texts),
+            len(added),
+            old,
+            len(grown),
+            int((scale > 0).sum()),
+        )
 
         stage_cfg = copy.deepcopy(cfg)
         stage_cfg.data.languages = [lang]
@@ -565,17 +645,32 @@ class ContinualRun:
             "vocab_size": len(grown),
         }
         (stage_dir / "export" / STATE_FILE).write_text(json.dumps(new_state))
-        summary.update({"language": lang, "new_tokens": len(added), "vocab_size": len(grown),
-                        "trained_rows": int((scale > 0).sum())})
+        summary.update(
+            {
+                "language": lang,
+                "new_tokens": len(added),
+                "vocab_size": len(grown),
+                "trained_rows": int((scale > 0).sum()),
+            }
+        )
         return bundle, summary
 
-    def _report(self, stages: list[str], languages: list[str],
-                rows: list[dict[str, float]], summaries: list[dict[str, Any]], final: str,
-                state: dict[str, Any]) -> dict[str, Any]:
+    def _report(
+        self,
+        stages: list[str],
+        languages: list[str],
+        rows: list[dict[str, float]],
+        summaries: list[dict[str, Any]],
+        final: str,
+        state: dict[str, Any],
+    ) -> dict[str, Any]:
         last = summaries[-1] if summaries else {}
         result: dict[str, Any] = {
-            "model": final, "languages": self.languages, "teir": self.opts.teir,
-            "vocab_size": state.get("vocab_size"), "stages": summaries,
+            "model": final,
+            "languages": self.languages,
+            "teir": self.opts.teir,
+            "vocab_size": state.get("vocab_size"),
+            "stages": summaries,
             # The trainer's summary keys, over all stages (what `babelcap train` prints).
             "steps": sum(s.get("steps", 0) for s in summaries),
             "samples": sum(s.get("samples", 0) for s in summaries),
@@ -588,10 +683,14 @@ class ContinualRun:
         if rows and rows[0]:
             # Column order: base language, then languages in order of arrival.
             acc = [[row.get(lang, math.nan) for lang in languages] for row in rows]
-            (self.out / "accuracy.csv").write_text(
-                cl_metrics.matrix_to_csv(acc, stages, languages))
-            plot_accuracy_matrix(acc, stages, languages, self.out / "accuracy.png",
-                                 title=f"mean recall ({'TEIR' if self.opts.teir else 'plain'})")
+            (self.out / "accuracy.csv").write_text(cl_metrics.matrix_to_csv(acc, stages, languages))
+            plot_accuracy_matrix(
+                acc,
+                stages,
+                languages,
+                self.out / "accuracy.png",
+                title=f"mean recall ({'TEIR' if self.opts.teir else 'plain'})",
+            )
             # Metrics over the base language + the languages learned in this run.
             cols = [0, *[languages.index(lang) for lang in self.languages]]
             sub = [[r[c] for c in cols] for r in acc]
@@ -601,9 +700,16 @@ class ContinualRun:
             result["heatmap"] = str(self.out / "accuracy.png")
         (self.out / "continual.json").write_text(json.dumps(result, indent=2, default=str))
         if "AA" in result:
-            log.info("continual (%s) over %s: AA %.2f, F %.2f, F_en %.2f; matrix %s, heatmap %s",
-                     "TEIR" if self.opts.teir else "plain", ",".join(self.languages),
-                     result["AA"], result["F"], result["F_en"], result["csv"], result["heatmap"])
+            log.info(
+                "continual (%s) over %s: AA %.2f, F %.2f, F_en %.2f; matrix %s, heatmap %s",
+                "TEIR" if self.opts.teir else "plain",
+                ",".join(self.languages),
+                result["AA"],
+                result["F"],
+                result["F_en"],
+                result["csv"],
+                result["heatmap"],
+            )
         return result
 
 
