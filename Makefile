@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m babelcap.demo --dir $(DEMO_DIR)
+	$(VENV)/bin/babelcap demo --dir $(DEMO_DIR)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -17,7 +17,14 @@ from babelcap import __version__
 # Order here is the order in `babelcap --help`.
 COMMAND_MODULES = [
     "world",
+    "augment",
     "inspect",
+    "translate",
+    "convert_translator",
+    "train",
+    "eval",
+    "export_wds",
+    "demo",
 ]
 
 

@@ -47,8 +47,10 @@ def world_fingerprint(world_dir: Path) -> str:
     """Fingerprint of a built world (from its world.json), so models follow their data."""
     meta = Path(world_dir) / "world.json"
     if not meta.exists():
-        raise FileNotFoundError(f"{world_dir} is not a babelcap world (no world.json); "
-                                "build one with `babelcap world build --out DIR`")
+        raise FileNotFoundError(
+            f"{world_dir} is not a babelcap world (no world.json); "
+            "build one with `babelcap world build --out DIR`"
+        )
     return hashlib.sha256(meta.read_bytes()).hexdigest()[:16]
 
 
@@ -136,11 +138,7 @@ def build_models(
 def _register_all() -> None:
     """Import the modules that register world models (each calls `register`)."""
     for module in _MODEL_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+        importlib.import_module(module)
 
 
 # Modules that define world models; each registers its specs on import.
