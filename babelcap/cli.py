@@ -27,6 +27,8 @@ COMMAND_MODULES = [
     "demo",
 ]
 
+OWN_LOGGERS = ("babelcap", "pipelines", "translators", "training", "world")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -46,10 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Libraries (open_clip, Beam) log chatty INFO lines on the root logger: show their
+    # warnings only, and babelcap's own packages at INFO (everything with -v).
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        for name in OWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -31,7 +31,8 @@ class DemoConfig:
     images: int = 1000
     seed: int = 0
     languages: tuple[str, ...] = ("pt", "es", "de", "hi")  # augmentation targets
-    train_language: str = "pt"
+    train_language: str = "pt"  # the language being taught (labels, run folder)
+    train_languages: tuple[str, ...] | None = None  # caption languages; None: the config's
     num_captions: int = 5  # synthetic captions per image (CAPIVARA uses 10)
     clip_top_k: int = 3  # CAPIVARA-style CLIP-score filter: keep the best k per language
     workers: int = 2
@@ -101,11 +102,12 @@ def train_step(cfg: DemoConfig, world: Path, shards: Path, run_dir: Path) -> dic
     os.environ["BABELCAP_WORLD"] = str(world)
     overrides = [
         f"data.train={json.dumps([str(shards)])}",
-        f"data.languages={json.dumps([cfg.train_language])}",
         f"run.output_dir={json.dumps(str(run_dir))}",
         f"run.seed={cfg.seed}",
         *cfg.extra_train_overrides,
     ]
+    if cfg.train_languages is not None:
+        overrides.append(f"data.languages={json.dumps(list(cfg.train_languages))}")
     if cfg.train_steps is not None:
         overrides.append(f"optim.max_steps={cfg.train_steps}")
     train_cfg = load_config(cfg.train_config, overrides)
@@ -187,7 +189,8 @@ def write_report(
         "",
         f"World: {cfg.images} synthetic images (seed {cfg.seed}); augmentation into "
         f"{', '.join(cfg.languages)} with {cfg.num_captions} synthetic captions per image; "
-        f"LiT + LoRA on machine-translated {cfg.train_language} captions.",
+        f"LiT + LoRA on machine-translated {cfg.train_language} captions "
+        f"(training configuration: `{Path(cfg.train_config).name}`).",
         "",
         "## Retrieval on the world's test split (gold captions)",
         "",
