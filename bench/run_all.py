@@ -51,7 +51,8 @@ def summary_markdown(names: list[str]) -> str:
         data = json.loads(path.read_text())
         title = data.get("title", name)
         when = data.get("date", "")
-        parts.append(f"### {title}\n\n{data.get('markdown', '').strip()}\n")
+        table = data.get("markdown") or _sidecar_markdown(name)
+        parts.append(f"### {title}\n\n{table.strip()}\n")
         if data.get("command") or when:
             parts.append(
                 f"_Measured with `{data.get('command', f'python bench/bench_{name}.py')}`"
@@ -59,6 +60,12 @@ def summary_markdown(names: list[str]) -> str:
                 f"`bench/results/{name}.json`._\n"
             )
     return "\n".join(parts).strip() + "\n"
+
+
+def _sidecar_markdown(name: str) -> str:
+    """Benchmarks that write their table to `results/<name>.md` instead of the JSON."""
+    path = RESULTS / f"{name}.md"
+    return path.read_text() if path.exists() else ""
 
 
 def update_readme(markdown: str) -> bool:
