@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "adapter_size_le_0.2pct": res["adapters"]["per_language"]["adapter_size"]["percent"] <= 0.2,
         "teir_F_le_3": res["continual"]["teir"]["F"] <= 3.0,
     }
+    res["title"] = "Cross-lingual methods on the world"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "crosslingual.json").write_text(json.dumps(res, indent=2, default=str))
     md = markdown(res)

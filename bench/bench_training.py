@@ -365,6 +365,8 @@ def main() -> int:
         },
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
+        "title": "Training step: LiT + LoRA on the full-size xlm-roberta-base-ViT-B-32 "
+        "(CPU, batch 32)",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
