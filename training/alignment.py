@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from training import adapters as ad
-from training.config import MethodConfig, TrainConfig
+from training.config import MethodConfig, TrainConfig, options_from
 from training.lit import image_tower_locked, select_parameters
 from training.methods import ClipMethod, register_method
 from training.models import unwrap
@@ -82,14 +82,7 @@ class AlignmentOptions:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> AlignmentOptions:
-        known = set(cls.__dataclass_fields__)
-        options = dict(options or {})
-        unknown = set(options) - known
-        if unknown:
-            raise ValueError(
-                f"unknown alignment option(s) {sorted(unknown)}; known: {sorted(known)}"
-            )
-        opts = cls(**options)
+        opts = options_from(cls, options, "alignment")
         checks = {
             "loss": ("mse", "infonce"),
             "teacher": ("frozen", "self"),

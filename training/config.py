@@ -144,6 +144,16 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+def options_from(cls: type, options: Mapping[str, Any] | None, what: str) -> Any:
+    """Build a method's options dataclass from `method.options`; unknown keys are an error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    options = dict(options or {})
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**options)
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (values parsed as YAML) to a config dict."""
     for item in overrides:

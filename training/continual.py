@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from pipelines import schema
 from training import cl_metrics
-from training.config import MethodConfig, TrainConfig
+from training.config import MethodConfig, TrainConfig, options_from
 from training.lit import image_tower_locked, text_transformer
 from training.methods import ClipMethod, register_method
 from training.models import ClipBundle, unwrap
@@ -74,14 +74,7 @@ class ContinualOptions:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> ContinualOptions:
-        known = set(cls.__dataclass_fields__)
-        options = dict(options or {})
-        unknown = set(options) - known
-        if unknown:
-            raise ValueError(
-                f"unknown continual option(s) {sorted(unknown)}; known: {sorted(known)}"
-            )
-        return cls(**options)
+        return options_from(cls, options, "continual")
 
 
 # ----------------------------------------------------------------------------- vocabulary
