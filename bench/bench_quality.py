@@ -1,16 +1,23 @@
-"""Quality benchmark on the world: what each part of the CAPIVARA recipe buys, over seeds.
+"""Quality benchmark on the world: what each part of the recipe buys, over seeds.
 
-On one world, with the world's models, every recipe trains LiT + LoRA (configs/) for Portuguese
-with English captions mixed in, and is evaluated on the world's test split (gold captions):
+On one world, with the world's models, the Beam pipeline augments the training split (targets
+pt, es, de, hi) in four settings, every recipe trains from the English-only world CLIP, and
+each is evaluated on the world's test split (gold captions, every world language):
 
 - base: the English-only world CLIP, untrained;
-- alt-text only: the source English alt-text translated (no captioner);
+- alt-text only: the source English alt-text translated (no captioner). The world's alt-text
+  is noisy like a crawl's (half of it generic or another picture's);
 - CAPIVARA, no filter: + synthetic captions from the captioner, all translated;
-- CAPIVARA, CLIP threshold: English captions scoring >= the median score are kept;
-- CAPIVARA, CLIP top-k: the k best English captions per image are kept;
-- oracle: the same recipe on the gold Portuguese captions.
+- CAPIVARA, CLIP threshold: synthetic captions scoring >= the median score are kept;
+- CAPIVARA, CLIP top-k: the k best synthetic captions per image are kept;
+- oracle: the same LiT + LoRA recipe on the gold Portuguese captions;
+- alignment + per-language adapters (PECTVLM-style) on the top-k shards, all four languages;
+- continual learning with TEIR (CLL-CLIP) pt -> es -> de -> hi on the top-k shards.
 
-    python bench/bench_quality.py [--world DIR] [--seeds 0,1,2] [--steps N] [--quick]
+The CAPIVARA rows and the oracle train Portuguese (English captions mixed in); the last two
+train all four languages. Writes bench/results/quality.json (+ quality.png, the chart).
+
+    python bench/bench_quality.py [--world DIR] [--seeds 0,1,2] [--quick]
 """
 
 from __future__ import annotations
@@ -20,14 +27,28 @@ import json
 import os
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_results
+from bench.common import RESULTS, write_results
 
 REPO = Path(__file__).resolve().parents[1]
+TARGETS = ("pt", "es", "de", "hi")
+LANGUAGES = ("en", *TARGETS)
+CONFIGS = REPO / "configs"
+# Training steps: the configs' own, or these with --quick.
+QUICK_STEPS = {"capivara": 80, "alignment": 200, "continual": 50}
+
+
+@dataclass
+class Recipe:
+    name: str
+    config: Path
+    shards: Path
+    method: str  # capivara | alignment | continual (how the result is evaluated)
 
 
 def augment(
@@ -40,6 +61,7 @@ def augment(
     num_captions: int = 5,
     workers: int = 2,
 ) -> Path:
+    """Beam augmentation of the world's training split (cached by configuration)."""
     from pipelines.options import AugmentConfig, CaptionerConfig, ClipConfig, TranslatorConfig
     from pipelines.publish import read_manifest
     from pipelines.runner import run
@@ -48,7 +70,7 @@ def augment(
     config = AugmentConfig(
         input=str(world / "manifest.jsonl"),
         output=str(out),
-        languages=("pt",),
+        languages=TARGETS,
         captioner=CaptionerConfig(
             model=str(model_dir(world, "captioner")), num_captions=num_captions
         )
@@ -71,31 +93,32 @@ def augment(
     return out / "shards"
 
 
-def median_english_score(shards: Path) -> float:
+def median_synthetic_score(shards: Path) -> float:
     import pyarrow.dataset as ds
+
+    from pipelines.schema import ORIGIN_SYNTHETIC
 
     scores = [
         c["score"]
-        for row in ds.dataset(str(shards))
-        .to_table(columns=["captions"])
-        .column("captions")
-        .to_pylist()
-        for c in row
-        if c["language"] == "en" and c["score"] is not None
+        for row in ds.dataset(str(shards)).to_table(columns=["captions"]).column("captions")
+        for c in row.as_py()
+        if c["origin"] == ORIGIN_SYNTHETIC and c["score"] is not None
     ]
     return float(statistics.median(scores))
 
 
 def train_and_eval(
-    world: Path, config: str, shards: Path, out: Path, seed: int, steps: int | None, data
+    recipe: Recipe, out: Path, seed: int, steps: int | None, base: Path, data
 ) -> dict[str, Any]:
+    """Train one recipe for one seed (skipped when its output is there); evaluate it."""
+    from training import adapters as per_language
     from training.config import load_config
     from training.evaluate import evaluate
     from training.models import load_clip
-    from training.trainer import train
+    from training.trainer import run
 
     overrides = [
-        f"data.train={json.dumps([str(shards)])}",
+        f"data.train={json.dumps([str(recipe.shards)])}",
         f"run.output_dir={json.dumps(str(out))}",
         f"run.seed={seed}",
         "run.progress=false",
@@ -103,92 +126,47 @@ def train_and_eval(
     ]
     if steps:
         overrides.append(f"optim.max_steps={steps}")
-    if not (out / "export").exists():
-        train(load_config(config, overrides))
-    return evaluate(load_clip(str(out / "export")), data, name=out.name, zero_shot=False)
+    cfg = load_config(str(recipe.config), overrides)
+    done = out / "summary.json"
+    if recipe.method == "continual":
+        cfg.run.resume = True  # stages already trained with these settings are reused
+        summary = run(cfg)
+        return evaluate(load_clip(str(Path(summary["export"]).parent)), data, zero_shot=False)
+    if not done.exists():
+        run(cfg)
+    if recipe.method == "alignment":
+        bundle = load_clip(str(base))
+        per_language.load_language_adapters(bundle.model, str(out / "adapter"))
+        return per_language.evaluate_with_adapters(bundle, data, zero_shot=False)
+    return evaluate(load_clip(str(out / "export")), data, zero_shot=False)
 
 
-def summarise(runs: list[dict[str, Any]], languages: tuple[str, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for lang in languages:
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std over seeds of each language's mean recall and R@1 both ways."""
+    out: dict[str, Any] = {"seeds": len(runs)}
+    for lang in LANGUAGES:
         for key in ("mean_recall", "t2i_r1", "i2t_r1"):
             values = [r["languages"][lang][key] for r in runs]
             out[f"{lang}_{key}"] = statistics.fmean(values)
             out[f"{lang}_{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+    targets = [out[f"{lang}_mean_recall"] for lang in TARGETS]
+    out["target_spread"] = max(targets) - min(targets)
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--world",
-        default=str(REPO / ".cache" / "test-world"),
-        help="a built world (default: the test world)",
-    )
-    parser.add_argument("--out", default=str(REPO / ".cache" / "bench-quality"))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (config's)")
-    parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 80 steps")
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if args.quick:
-        seeds, args.steps = seeds[:2], args.steps or 80
-
-    from training.evaluate import world_eval_data
-    from training.world_shards import write_world_shards
-    from world.models import build_models, model_dir
-
-    world, out = Path(args.world).resolve(), Path(args.out).resolve()
-    os.environ["BABELCAP_WORLD"] = str(world)
-    build_models(world, only=["captioner", "m2m-multi", "clip-base"])
-    languages = ("en", "pt")
-    data = world_eval_data(world, languages, split="test")
-
-    print("[quality] augmenting (Beam) ...", flush=True)
-    shards = {
-        "alt-text only": augment(world, out / "aug-alt", captioner=False),
-        "CAPIVARA, no filter": augment(world, out / "aug-none", captioner=True),
-    }
-    threshold = median_english_score(shards["CAPIVARA, no filter"])
-    shards[f"CAPIVARA, CLIP score >= {threshold:.3f} (median)"] = augment(
-        world, out / "aug-threshold", captioner=True, threshold=threshold
-    )
-    shards[f"CAPIVARA, CLIP top-{args.top_k}"] = augment(
-        world, out / "aug-topk", captioner=True, top_k=args.top_k
-    )
-    gold = out / "gold-shards"
-    if not gold.exists():
-        write_world_shards(world, gold, languages=("pt", "en"), split="train")
-
-    from training.evaluate import evaluate
-    from training.models import load_clip
-
-    base = evaluate(
-        load_clip(str(model_dir(world, "clip-base"))), data, name="base", zero_shot=False
-    )
-    recipes: dict[str, dict[str, Any]] = {"base": summarise([base], languages)}
-    capivara_cfg = str(REPO / "configs" / "world-capivara.yaml")
-    plan = [(name, capivara_cfg, path) for name, path in shards.items()]
-    plan.append(("oracle (gold pt)", str(REPO / "configs" / "world-oracle.yaml"), gold))
-    for i, (name, config, path) in enumerate(plan):
-        runs = []
-        for seed in seeds:
-            print(f"[quality] {name}, seed {seed} ...", flush=True)
-            run_dir = out / "runs" / f"r{i}-s{seed}-{args.steps or 'cfg'}"
-            runs.append(train_and_eval(world, config, path, run_dir, seed, args.steps, data))
-        recipes[name] = summarise(runs, languages)
-
+def markdown(
+    recipes: dict[str, dict[str, Any]], world: Path, n_test: int, seeds: list[int], steps: str
+) -> str:
     oracle = recipes["oracle (gold pt)"]["pt_mean_recall"]
-    base_en = recipes["base"]["en_mean_recall"]
+    base = recipes["base"]
     lines = [
-        f"World `{world.name}` ({len(data.images)} test images), seeds {seeds}, "
-        f"{args.steps or 'config'} steps; mean ± std over seeds. `% oracle`: Portuguese mean "
-        "recall as a share of the oracle's.",
+        f"World `{world.name}` ({n_test} test images, gold captions in 5 languages), seeds "
+        f"{seeds}, steps {steps}; mean ± std over seeds. `% oracle`: Portuguese mean recall as "
+        "a share of the oracle's. R@1 in both directions (text -> image, image -> text).",
         "",
         "| recipe | pt mean recall | pt R@1 t2i | pt R@1 i2t | % oracle | en mean recall | "
-        "en change |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "en R@1 t2i | en R@1 i2t | en change |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in recipes.items():
         lines.append(
@@ -196,18 +174,157 @@ def main() -> int:
             f"{r['pt_t2i_r1']:.1f} | {r['pt_i2t_r1']:.1f} | "
             f"{100 * r['pt_mean_recall'] / oracle:.0f}% | "
             f"{r['en_mean_recall']:.1f} ± {r['en_mean_recall_std']:.1f} | "
-            f"{r['en_mean_recall'] - base_en:+.1f} |"
+            f"{r['en_t2i_r1']:.1f} | {r['en_i2t_r1']:.1f} | "
+            f"{r['en_mean_recall'] - base['en_mean_recall']:+.1f} |"
         )
     lines += [
         "",
-        "Targets: CAPIVARA >= 90% of the oracle's Portuguese mean recall; English "
-        "mean recall drops <= 2 points.",
+        "Mean recall in every world language (the CAPIVARA rows and the oracle train pt only; "
+        "the last two train pt, es, de, hi); spread: max - min over pt, es, de, hi.",
+        "",
+        "| recipe | " + " | ".join(LANGUAGES) + " | spread |",
+        "|---|" + "---:|" * (len(LANGUAGES) + 1),
     ]
+    for name, r in recipes.items():
+        cells = [
+            f"{r[f'{lang}_mean_recall']:.1f} ± {r[f'{lang}_mean_recall_std']:.1f}"
+            for lang in LANGUAGES
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['target_spread']:.1f} |")
+    lines += [
+        "",
+        "Targets: CAPIVARA >= 90% of the oracle's Portuguese mean recall; English mean recall "
+        "drops <= 2 points. Chart: `bench/results/quality.png`.",
+    ]
+    return "\n".join(lines)
+
+
+def plot(recipes: dict[str, dict[str, Any]], out_png: Path) -> Path:
+    from training.plots import plot_language_bars
+
+    results = {
+        name: {"languages": {lang: {"mean_recall": r[f"{lang}_mean_recall"]} for lang in LANGUAGES}}
+        for name, r in recipes.items()
+    }
+    errors = {
+        name: {lang: r[f"{lang}_mean_recall_std"] for lang in LANGUAGES}
+        for name, r in recipes.items()
+    }
+    return plot_language_bars(
+        results,
+        out_png,
+        errors=errors,
+        languages=list(LANGUAGES),
+        title="mean recall on the world test split (mean ± std over seeds)",
+    )
+
+
+def default_world(quick: bool) -> Path:
+    """The tests' world (quick) or the demo's 1000-image world (built here when missing)."""
+    if quick:
+        return REPO / ".cache" / "test-world"
+    from babelcap.demo import DemoConfig, build_world_step
+
+    cfg = DemoConfig()
+    world = REPO / cfg.out / "world"
+    build_world_step(cfg, world)
+    return world
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", default=None, help="a built world (default: the demo's)")
+    parser.add_argument("--out", default=str(REPO / ".cache" / "bench-quality"))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument(
+        "--quick", action="store_true", help="the tests' world, 2 seeds, fewer steps"
+    )
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.quick:
+        seeds = seeds[:2]
+
+    from training.evaluate import evaluate, world_eval_data
+    from training.models import load_clip
+    from training.world_shards import write_world_shards
+    from world.models import build_models, model_dir
+
+    world = Path(args.world).resolve() if args.world else default_world(args.quick)
+    out = Path(args.out).resolve() / world.name
+    os.environ["BABELCAP_WORLD"] = str(world)
+    build_models(world, only=["captioner", "m2m-multi", "clip-base"])
+    data = world_eval_data(world, LANGUAGES, split="test")
+
+    print("[quality] augmenting (Beam) ...", flush=True)
+    shards = {
+        "alt-text only": augment(world, out / "aug-alt", captioner=False),
+        "CAPIVARA, no filter": augment(world, out / "aug-none", captioner=True),
+    }
+    threshold = median_synthetic_score(shards["CAPIVARA, no filter"])
+    shards[f"CAPIVARA, CLIP score >= {threshold:.3f} (median)"] = augment(
+        world, out / "aug-threshold", captioner=True, threshold=threshold
+    )
+    top_k = f"CAPIVARA, CLIP top-{args.top_k}"
+    shards[top_k] = augment(world, out / "aug-topk", captioner=True, top_k=args.top_k)
+    gold = out / "gold-shards"
+    if not gold.exists():
+        write_world_shards(world, gold, languages=("pt", "en"), split="train")
+
+    plan = [Recipe(n, CONFIGS / "world-capivara.yaml", p, "capivara") for n, p in shards.items()]
+    plan += [
+        Recipe("oracle (gold pt)", CONFIGS / "world-oracle.yaml", gold, "capivara"),
+        Recipe(
+            f"alignment + per-language adapters (top-{args.top_k} shards)",
+            CONFIGS / "world-adapters.yaml",
+            shards[top_k],
+            "alignment",
+        ),
+        Recipe(
+            f"continual TEIR pt>es>de>hi (top-{args.top_k} shards)",
+            CONFIGS / "world-continual.yaml",
+            shards[top_k],
+            "continual",
+        ),
+    ]
+    base_dir = model_dir(world, "clip-base")
+    recipes = {"base": summarise([evaluate(load_clip(str(base_dir)), data, zero_shot=False)])}
+    for i, recipe in enumerate(plan):
+        steps = QUICK_STEPS[recipe.method] if args.quick else None
+        runs = []
+        for seed in seeds:
+            print(f"[quality] {recipe.name}, seed {seed} ...", flush=True)
+            run_dir = out / "runs" / f"r{i}-{recipe.method}-s{seed}-{steps or 'cfg'}"
+            runs.append(train_and_eval(recipe, run_dir, seed, steps, base_dir, data))
+        recipes[recipe.name] = summarise(runs)
+
+    steps_note = ", ".join(f"{k} {v}" for k, v in QUICK_STEPS.items()) if args.quick else "configs'"
+    chart = plot(recipes, RESULTS / "quality.png")
+    oracle = recipes["oracle (gold pt)"]["pt_mean_recall"]
+    capivara = {k: v for k, v in recipes.items() if k.startswith("CAPIVARA")}
+    base_en = recipes["base"]["en_mean_recall"]
     write_results(
         "quality",
         "Quality on the world: what each part of the recipe buys",
-        {"seeds": seeds, "steps": args.steps, "threshold": threshold, "recipes": recipes},
-        "\n".join(lines),
+        {
+            "world": str(world),
+            "test_images": len(data.images),
+            "seeds": seeds,
+            "steps": QUICK_STEPS if args.quick else "configs",
+            "threshold": threshold,
+            "chart": str(chart.relative_to(REPO)),
+            "targets": {
+                name: {
+                    "pct_oracle_pt": 100 * r["pt_mean_recall"] / oracle,
+                    "en_change": r["en_mean_recall"] - base_en,
+                    "met": r["pt_mean_recall"] >= 0.9 * oracle
+                    and r["en_mean_recall"] - base_en >= -2.0,
+                }
+                for name, r in capivara.items()
+            },
+            "recipes": recipes,
+        },
+        markdown(recipes, world, len(data.images), seeds, steps_note),
     )
     return 0
 

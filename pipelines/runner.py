@@ -23,7 +23,12 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+    WorkerOptions,
+)
 
 from pipelines import accounting, publish, schema
 from pipelines.builder import build
@@ -49,6 +54,9 @@ def pipeline_options(beam_args: Sequence[str] = (), workers: int = 2) -> Pipelin
             direct.direct_running_mode = (
                 "multi_processing" if direct.direct_num_workers > 1 else "in_memory"
             )
+        if not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
+            # Local worker processes print every INFO line of Beam's harness to the console.
+            options.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"
         if direct.direct_running_mode == "multi_processing":
             cores = os.cpu_count() or 1
             os.environ["BABELCAP_TORCH_THREADS"] = str(max(1, cores // direct.direct_num_workers))

@@ -472,9 +472,14 @@ def test_local_runner_is_chosen_explicitly():
     assert opts.view_as(StandardOptions).runner == LOCAL_RUNNER  # not DirectRunner -> Prism
     assert opts.view_as(DirectOptions).direct_running_mode == "multi_processing"
     assert opts.view_as(DirectOptions).direct_num_workers == 2
+    # Local workers log warnings only, unless asked otherwise.
+    assert opts.get_all_options()["default_sdk_harness_log_level"] == "WARNING"
+    opts = pipeline_options(["--default_sdk_harness_log_level", "DEBUG"], workers=2)
+    assert opts.get_all_options()["default_sdk_harness_log_level"] == "DEBUG"
     opts = pipeline_options(["--runner", "DataflowRunner", "--project", "p"], workers=2)
     assert opts.view_as(StandardOptions).runner == "DataflowRunner"
     assert opts.get_all_options()["project"] == "p"
+    assert opts.get_all_options()["default_sdk_harness_log_level"] is None  # Dataflow's own
 
 
 # --- model stages (tiny real models, in-process runner) ----------------------------------

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from world import lexicon as lx
-from world.build import build_world
+from world.build import ALT_TEXT_KINDS, build_world
 from world.corpus import monolingual, parallel_pairs
 from world.grammar import (
     LANGUAGES,
@@ -112,9 +112,28 @@ def test_layout_splits_and_rows(small_world: Path) -> None:
         assert [g["image_path"] for g in gold] == [m["image_path"] for m in manifest]
         assert all(len(g["captions"]) == NUM_VARIANTS for g in gold)
         assert len(load_gold(small_world, lang, split="val")) == 6
-    # The alt-text is one of the English gold paraphrases of the same image.
-    assert all(m["caption"] in g["captions"] for m, g in zip(manifest, en, strict=True))
+    # Clean alt-text is one of the English gold paraphrases of the same image; noisy alt-text
+    # (the scenes file says which) is not.
+    kinds = [s["alt_text"] for s in load_scenes(small_world)]
+    for m, g, kind in zip(manifest, en, kinds, strict=True):
+        assert (m["caption"] in g["captions"]) == (kind == "clean"), (kind, m["caption"])
+    assert set(kinds) == set(ALT_TEXT_KINDS)
     assert len({m["caption"] for m in manifest}) > 30
+
+
+def test_alt_text_noise_share(tmp_path: Path) -> None:
+    shares = {}
+    for noise in (0.0, 0.5, 1.0):
+        build_world(tmp_path / str(noise), 400, seed=1, alt_text_noise=noise, progress=False)
+        kinds = [s["alt_text"] for s in load_scenes(tmp_path / str(noise))]
+        shares[noise] = 1 - kinds.count("clean") / len(kinds)
+    assert shares[0.0] == 0.0 and shares[1.0] == 1.0
+    assert 0.4 < shares[0.5] < 0.6
+    # The noise touches the alt-text alone: images and gold captions are the same.
+    a, b = _files(tmp_path / "0.0"), _files(tmp_path / "1.0")
+    assert {k for k in a if a[k] != b[k]} == {"world.json", "manifest.jsonl", "scenes.jsonl"}
+    with pytest.raises(ValueError, match="alt_text_noise"):
+        build_world(tmp_path / "bad", 10, alt_text_noise=1.5, progress=False)
 
 
 def test_png_is_the_rendered_scene(small_world: Path) -> None:

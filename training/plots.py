@@ -40,24 +40,37 @@ def plot_training_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path 
 
 
 def plot_language_bars(
-    results: Mapping[str, Mapping[str, Any]], out_png: str | Path, metric: str = "mean_recall"
+    results: Mapping[str, Mapping[str, Any]],
+    out_png: str | Path,
+    metric: str = "mean_recall",
+    errors: Mapping[str, Mapping[str, float]] | None = None,
+    languages: list[str] | None = None,
+    title: str | None = None,
 ) -> Path:
-    """Grouped bars: one group per language, one bar per model (results: model -> eval JSON)."""
+    """Grouped bars: one group per language, one bar per model (results: model -> eval JSON).
+
+    `errors` (model -> language -> std) draws error bars; `languages` fixes the group order.
+    """
     plt = _pyplot()
     models = list(results)
-    languages = sorted({lang for r in results.values() for lang in r["languages"]})
+    languages = languages or sorted({lang for r in results.values() for lang in r["languages"]})
     width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(languages), 4))
+    many = len(models) > 4
+    fig, ax = plt.subplots(figsize=(1.2 + (0.35 * len(models) + 0.6) * len(languages), 4.2))
     for i, model in enumerate(models):
         vals = [results[model]["languages"].get(lang, {}).get(metric, 0.0) for lang in languages]
+        err = [errors[model].get(lang, 0.0) for lang in languages] if errors else None
         xs = [j + i * width for j in range(len(languages))]
-        ax.bar(xs, vals, width, label=model)
+        ax.bar(xs, vals, width, yerr=err, capsize=2 if err else 0, label=model)
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(languages))])
     ax.set_xticklabels(languages)
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{metric.replace('_', ' ')} per language")
+    if many:  # a long legend goes beside the plot, not over the bars
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
+    ax.set_title(title or f"{metric.replace('_', ' ')} per language")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -450,6 +450,16 @@ def train(cfg: TrainConfig, bundle: ClipBundle | None = None) -> dict[str, Any]:
     return summary
 
 
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train with the method's own driver when it has one (continual stages, per-language
+    adapters), else `train`: what `babelcap train` runs for any `method.name`."""
+    from training import alignment, continual  # noqa: F401  (register their methods)
+    from training.methods import METHODS
+
+    runner = getattr(METHODS.get(cfg.method.name), "run", None)
+    return runner(cfg) if runner is not None else train(cfg)
+
+
 def estimated_steps(num_rows: int, batch_size: int, epochs: float) -> int:
     """Optimizer steps for `epochs` passes in "one caption per image" mode."""
     return max(1, math.ceil(epochs * num_rows / batch_size))

@@ -5,7 +5,12 @@
     manifest.jsonl                  {"image_path", "caption" (English alt-text), "language",
                                      "split"}
     gold/<lang>.jsonl               {"image_path", "split", "captions": [K parallel paraphrases]}
-    scenes.jsonl                    {"image_path", "split", "scene": {...}}
+    scenes.jsonl                    {"image_path", "split", "scene": {...}, "alt_text": kind}
+
+The alt-text is what a web crawl gives: a share `alt_text_noise` of it is useless ("generic":
+"IMG_0412.jpg", "image", ...) or describes another picture ("mismatched"); the rest ("clean") is
+one of the image's English gold paraphrases. That noise is what synthetic captions and CLIP
+filtering are for (CAPIVARA), so the world can show what they buy.
 
 Image i depends only on (seed, i), so the output is byte-identical for a seed whatever the
 number of worker processes.
@@ -25,10 +30,26 @@ from typing import Any
 
 from tqdm import tqdm
 
-from world.grammar import LANGUAGES, NUM_VARIANTS, describe_all
+from world.grammar import LANGUAGES, NUM_VARIANTS, describe, describe_all
 from world.scene import COLOURS, SHAPES, SIZES, render, sample_scene
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: noisy alt-text
+ALT_TEXT_KINDS = ("clean", "generic", "mismatched")
+# Alt-text as crawls have it when it says nothing about the picture.
+GENERIC_ALT_TEXTS = (
+    "image",
+    "photo",
+    "picture",
+    "untitled",
+    "thumbnail",
+    "click to enlarge",
+    "stock image",
+    "abstract shapes",
+    "colourful shapes",
+    "geometric art",
+    "my drawing",
+    "wallpaper",
+)
 SPLITS = ("train", "val", "test")
 _OUTPUTS = ("world.json", "manifest.jsonl", "scenes.jsonl", "images", "gold")
 
@@ -52,12 +73,30 @@ def split_of(index: int, counts: dict[str, int]) -> str:
     return "val" if index < counts["train"] + counts["val"] else "test"
 
 
-def _make_image(job: tuple[int, int, str, int, tuple[str, ...], str]) -> dict[str, Any]:
+def noisy_alt_text(rng: random.Random, noise: float) -> tuple[str, str | None]:
+    """(kind, text) of an image's alt-text; text None means its own gold caption ("clean")."""
+    if rng.random() >= noise:
+        return "clean", None
+    if rng.random() < 0.5:
+        if rng.random() < 0.3:
+            return (
+                "generic",
+                f"{rng.choice(('IMG', 'DSC', 'image'))}_{rng.randrange(10000):04d}.jpg",
+            )
+        return "generic", rng.choice(GENERIC_ALT_TEXTS)
+    # The alt-text of some other picture (a scene drawn here, never rendered).
+    return "mismatched", describe(sample_scene(rng), "en", rng.randrange(NUM_VARIANTS))
+
+
+def _make_image(
+    job: tuple[int, int, str, int, tuple[str, ...], str, float],
+) -> dict[str, Any]:
     """Sample, render and save image `index`; return its rows (captions, scene)."""
-    index, seed, out_dir, image_size, languages, split = job
+    index, seed, out_dir, image_size, languages, split, alt_noise = job
     rng = image_rng(seed, index)
     scene = sample_scene(rng)
     alt_variant = rng.randrange(NUM_VARIANTS)
+    alt_kind, alt_text = noisy_alt_text(rng, alt_noise)
     rel_path = f"images/{split}/{index:06d}.png"
     # Fixed PNG options and no metadata chunks: same scene -> same bytes.
     render(scene, image_size).save(Path(out_dir) / rel_path, format="PNG", compress_level=6)
@@ -67,6 +106,8 @@ def _make_image(job: tuple[int, int, str, int, tuple[str, ...], str]) -> dict[st
         "scene": scene.to_dict(),
         "captions": {lang: describe_all(scene, lang) for lang in languages},
         "alt_variant": alt_variant,
+        "alt_kind": alt_kind,
+        "alt_text": alt_text,
     }
 
 
@@ -83,8 +124,12 @@ def build_world(
     splits: Sequence[float] = (0.8, 0.1, 0.1),
     workers: int | None = None,
     progress: bool = True,
+    alt_text_noise: float = 0.5,
 ) -> dict[str, Any]:
-    """Build a world into `out_dir` (its earlier world files are replaced); return world.json."""
+    """Build a world into `out_dir` (its earlier world files are replaced); return world.json.
+
+    `alt_text_noise`: the share of images whose alt-text is generic or another image's.
+    """
     languages = tuple(languages)
     unknown = [lang for lang in languages if lang not in LANGUAGES]
     if unknown:
@@ -93,6 +138,8 @@ def build_world(
         languages = ("en", *languages)  # the manifest's alt-text is English
     if n_images < 1:
         raise ValueError(f"n_images must be positive, got {n_images}")
+    if not 0.0 <= alt_text_noise <= 1.0:
+        raise ValueError(f"alt_text_noise must be in [0, 1], got {alt_text_noise}")
     counts = split_counts(n_images, splits)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +157,8 @@ def build_world(
         # A pool only pays off for bigger worlds.
         workers = min(os.cpu_count() or 1, 8) if n_images >= 2000 else 1
     jobs = [
-        (i, seed, str(out), image_size, languages, split_of(i, counts)) for i in range(n_images)
+        (i, seed, str(out), image_size, languages, split_of(i, counts), alt_text_noise)
+        for i in range(n_images)
     ]
     with contextlib.ExitStack() as stack:
 
@@ -134,13 +182,22 @@ def build_world(
                 _dumps(
                     {
                         "image_path": path,
-                        "caption": english[row["alt_variant"]],
+                        "caption": row["alt_text"] or english[row["alt_variant"]],
                         "language": "en",
                         "split": split,
                     }
                 )
             )
-            scenes.write(_dumps({"image_path": path, "split": split, "scene": row["scene"]}))
+            scenes.write(
+                _dumps(
+                    {
+                        "image_path": path,
+                        "split": split,
+                        "scene": row["scene"],
+                        "alt_text": row["alt_kind"],
+                    }
+                )
+            )
             for lang in languages:
                 gold[lang].write(
                     _dumps({"image_path": path, "split": split, "captions": row["captions"][lang]})
@@ -152,6 +209,7 @@ def build_world(
         "seed": seed,
         "n_images": n_images,
         "image_size": image_size,
+        "alt_text_noise": alt_text_noise,
         "languages": list(languages),
         "num_variants": NUM_VARIANTS,
         "counts": counts,

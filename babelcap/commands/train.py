@@ -80,17 +80,12 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("run.resume=false")
 
     from training.config import load_config
-    from training.trainer import train
+    from training.trainer import run
 
     cfg = load_config(args.config, overrides)
     if not cfg.data.train:
         raise ValueError("no training shards: set data.train in the config or pass --shards")
-    from training import alignment, continual  # noqa: F401  (register their methods)
-    from training.methods import METHODS
-
-    # Methods with their own driver (several trainer runs: continual stages) expose `run`.
-    runner = getattr(METHODS.get(cfg.method.name), "run", None)
-    summary = runner(cfg) if runner is not None else train(cfg)
+    summary = run(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun / accelerate only rank 0 reports
     print(

@@ -22,6 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     build.add_argument(
+        "--alt-text-noise",
+        type=float,
+        default=0.5,
+        help="share of images whose alt-text is generic or another image's (default 0.5)",
+    )
+    build.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -52,6 +58,7 @@ def _build(args: argparse.Namespace) -> int:
         languages=_split_list(args.languages) or LANGUAGES,
         image_size=args.size,
         workers=args.workers,
+        alt_text_noise=args.alt_text_noise,
     )
     counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
     print(

@@ -156,16 +156,15 @@ def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, A
     (out_dir / MODEL_CONFIG).write_text(json.dumps(model_config(config, "text"), indent=2))
 
     with tempfile.TemporaryDirectory(prefix="babelcap-clip-base-") as tmp:
-        shards = write_world_shards(
-            world_dir, Path(tmp) / "shards", ["en"], split="train", with_alt_text=True
-        )
+        # Gold captions only: the world's alt-text is noisy on purpose (see world.build).
+        shards = write_world_shards(world_dir, Path(tmp) / "shards", ["en"], split="train")
         cfg = TrainConfig.from_dict(
             {
                 "model": {"name": str(out_dir / MODEL_CONFIG)},
                 "data": {
                     "train": [str(p) for p in shards],
                     "languages": ["en"],
-                    "origins": ["gold", "source"],
+                    "origins": ["gold"],
                     "batch_size": config["batch_size"],
                     "shuffle_buffer": 1024,
                     "embeddings": "never",
