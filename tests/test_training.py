@@ -281,6 +281,12 @@ def test_config_yaml_and_overrides(tmp_path, monkeypatch):
     assert load_config(tmp_path / "saved.yaml") == cfg
     with pytest.raises(ValueError, match="unknown config key"):
         load_config(None, ["optim.learning_rate=1"])
+    # Exponent floats without a dot are numbers (YAML 1.2), in files and overrides alike.
+    path.write_text("optim: {lr: 3e-4, weight_decay: 1E-2}\n")
+    assert load_config(path).optim.lr == 3e-4
+    cfg = load_config(path, ["optim.lr=3e-3", "run.output_dir=1e-3x"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (3e-3, 1e-2)
+    assert cfg.run.output_dir == "1e-3x"
 
 
 def test_cli_train_then_eval_compares_before_and_after(

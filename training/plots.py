@@ -30,8 +30,10 @@ def plot_training_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path 
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
-    ax2.plot(steps, [r["lr"] for r in rows], label="lr", color="tab:orange", alpha=0.6)
+    ax2.plot(steps, [r["lr"] for r in rows], label="learning rate", color="tab:orange", alpha=0.6)
     ax2.set_ylabel("learning rate")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
     ax.set_title("training curve")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
@@ -53,7 +55,10 @@ def plot_language_bars(
     """
     plt = _pyplot()
     models = list(results)
-    languages = languages or sorted({lang for r in results.values() for lang in r["languages"]})
+    # Languages in the order the results list them (evaluation order: English first).
+    languages = languages or list(
+        dict.fromkeys(lang for r in results.values() for lang in r["languages"])
+    )
     width = 0.8 / max(1, len(models))
     many = len(models) > 4
     fig, ax = plt.subplots(figsize=(1.2 + (0.35 * len(models) + 0.6) * len(languages), 4.2))
