@@ -150,7 +150,13 @@ def test_alignment_with_language_adapters_learns(world_dir, base_dir, tmp_path):
                 "options": {
                     "adapters": "per_language",
                     "pairing": "native-en",
-                    "adapter": {"kind": "lora", "r": 2, "target_modules": ["query", "value"]},
+                    # The shipped spec (configs/world-adapters.yaml).
+                    "adapter": {
+                        "kind": "lora",
+                        "r": 1,
+                        "alpha": 1,
+                        "target_modules": ["query", "value", "word_embeddings"],
+                    },
                 },
             },
             "optim": {"lr": 1e-2, "warmup_steps": 5, "max_steps": 40, "weight_decay": 0.0},
@@ -159,7 +165,9 @@ def test_alignment_with_language_adapters_learns(world_dir, base_dir, tmp_path):
                 "seed": 0,
                 "progress": False,
                 "plot": False,
-                "grad_checkpointing": False,
+                # Asked for (the default); the trainer turns it off for per-language adapters
+                # (see test_mixed_language_batch_trains_each_adapter_as_if_alone).
+                "grad_checkpointing": True,
             },
         }
     )
@@ -181,3 +189,69 @@ def test_alignment_with_language_adapters_learns(world_dir, base_dir, tmp_path):
     for lang in ("pt", "es"):
         assert mr["after"][lang] > mr["before"][lang] + 3, mr
     assert mr["after"]["en"] == pytest.approx(mr["before"]["en"])  # English: no adapter
+
+
+def _trainer(world_dir, base_dir, tmp_path, adapters: str):
+    from training.trainer import Trainer
+    from training.world_shards import write_world_shards
+
+    shards = write_world_shards(world_dir, tmp_path / "s", ["en", "pt", "hi"], split="val")
+    cfg = TrainConfig.from_dict(
+        {
+            "model": {"name": str(base_dir)},
+            "data": {"train": [str(p) for p in shards], "languages": ["pt", "hi"]},
+            "method": {
+                "name": "alignment",
+                "options": {"adapters": adapters, "languages": ["pt", "hi"]},
+            },
+            "run": {"output_dir": str(tmp_path / "run"), "grad_checkpointing": True},
+        }
+    )
+    return Trainer(cfg)
+
+
+@pytest.mark.parametrize("adapters", ["per_language", "shared"])
+def test_checkpointing_stays_off_only_for_per_language_adapters(
+    world_dir, base_dir, tmp_path, adapters
+):
+    from training.lit import text_transformer
+
+    trainer = _trainer(world_dir, base_dir, tmp_path, adapters)
+    assert text_transformer(trainer.raw_model).is_gradient_checkpointing == (adapters == "shared")
+
+
+def test_mixed_language_batch_trains_each_adapter_as_if_alone(world_dir, base_dir, tmp_path):
+    """A pt+hi batch gives every adapter the gradient of its own captions alone. With
+    checkpointing on, hi's layers were recomputed through pt's adapter (the batch's last)."""
+    trainer = _trainer(world_dir, base_dir, tmp_path, "per_language")
+    model, method = trainer.model, trainer.method
+    method.train_mode(model)  # train mode (checkpointing recomputes only there), but:
+    for m in model.modules():  # no dropout, so both passes compute the same function
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    tok = trainer.bundle.tokenizer
+    pt = ["um círculo vermelho grande", "um quadrado azul pequeno"]
+    hi = ["एक बड़ा लाल वृत्त", "एक छोटा नीला वर्ग"]
+    en = ["a big red circle", "a small blue square"] * 2
+    feats = torch.nn.functional.normalize(torch.randn(4, model.visual.output_dim), dim=-1)
+
+    def grads(idx: list[int]) -> dict[str, torch.Tensor]:
+        texts, langs = [(pt + hi)[i] for i in idx], [(["pt"] * 2 + ["hi"] * 2)[i] for i in idx]
+        batch = {
+            "captions": texts,
+            "languages": langs,
+            "source_captions": [en[i] for i in idx],
+            "text": tok(texts),
+            "source_text": tok([en[i] for i in idx]),
+            "image_features": feats[idx],
+        }
+        model.zero_grad(set_to_none=True)
+        loss, _ = method.loss(model, batch)
+        (loss * len(idx)).backward()  # the loss averages over the batch: undo it
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    mixed = grads([0, 1, 2, 3])
+    alone = {**grads([0, 1]), **grads([2, 3])}
+    assert mixed.keys() == alone.keys() and any(".hi." in n for n in mixed)
+    for name, g in mixed.items():
+        assert torch.allclose(g, alone[name], atol=1e-5), name

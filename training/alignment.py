@@ -145,6 +145,13 @@ class AlignmentMethod(ClipMethod):
                 "by language outside DDP); use adapters: shared with several GPUs"
             )
 
+    @property
+    def grad_checkpointing_safe(self) -> bool:
+        # Checkpointed layers re-run their forward in the backward pass with whatever adapter
+        # is active THEN (the batch's last language): the other languages' gradients would go
+        # through the wrong adapter.
+        return self.opts.adapters != "per_language"
+
     # -- parameters
     @property
     def adapter_names(self) -> list[str]:

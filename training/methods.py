@@ -29,6 +29,12 @@ class ClipMethod:
         self.world_size = world_size
         self.clip_loss = clip_loss_fn(rank, world_size)
 
+    @property
+    def grad_checkpointing_safe(self) -> bool:
+        """Whether re-running the forward in the backward pass (checkpointing) gives the same
+        computation; not so when the forward switches modules mid-batch (per-language adapters)."""
+        return True
+
     # -- parameters
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
         """Choose the trainable parameters (may wrap submodules); returns the model."""

@@ -141,7 +141,13 @@ class Trainer:
         model = self.method.setup(bundle.model)
         bundle.model = model
         locked = image_tower_locked(model)
-        if cfg.run.grad_checkpointing:
+        if cfg.run.grad_checkpointing and not self.method.grad_checkpointing_safe:
+            log.warning(
+                "gradient checkpointing is off: method %r switches modules within a batch "
+                "(checkpointed layers would recompute through the wrong one)",
+                cfg.method.name,
+            )
+        elif cfg.run.grad_checkpointing:
             enable_grad_checkpointing(model, image_tower=not locked)
         self.params = count_parameters(model)
 
