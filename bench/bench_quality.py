@@ -23,6 +23,7 @@ train all four languages. Writes bench/results/quality.json (+ quality.png, the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -154,13 +155,17 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def markdown(
     recipes: dict[str, dict[str, Any]], world: Path, n_test: int, seeds: list[int], steps: str
 ) -> str:
     oracle = recipes["oracle (gold pt)"]["pt_mean_recall"]
     base = recipes["base"]
     lines = [
-        f"World `{world.name}` ({n_test} test images, gold captions in 5 languages), seeds "
+        f"World `{_shown(world)}` ({n_test} test images, gold captions in 5 languages), seeds "
         f"{seeds}, steps {steps}; mean ± std over seeds. `% oracle`: Portuguese mean recall as "
         "a share of the oracle's. R@1 in both directions (text -> image, image -> text).",
         "",
@@ -248,12 +253,16 @@ def main() -> int:
     from training.evaluate import evaluate, world_eval_data
     from training.models import load_clip
     from training.world_shards import write_world_shards
-    from world.models import build_models, model_dir
+    from world.models import STAMP, build_models, model_dir
 
     world = Path(args.world).resolve() if args.world else default_world(args.quick)
-    out = Path(args.out).resolve() / world.name
     os.environ["BABELCAP_WORLD"] = str(world)
-    build_models(world, only=["captioner", "m2m-multi", "clip-base"])
+    models = ["captioner", "m2m-multi", "clip-base"]
+    build_models(world, only=models)
+    # Runs are reused only for the same world and models (their build stamps).
+    stamps = [world / "world.json", *(model_dir(world, m) / STAMP for m in models)]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in stamps)).hexdigest()[:10]
+    out = Path(args.out).resolve() / f"{world.name}-{key}"
     data = world_eval_data(world, LANGUAGES, split="test")
 
     print("[quality] augmenting (Beam) ...", flush=True)

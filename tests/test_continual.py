@@ -281,3 +281,23 @@ def test_plain_mode_moves_rows_outside_the_language(world_dir, base_dir, tmp_pat
         if i not in set(state["usage"]["pt"]) and i > 3 and i != before[key].shape[0] - 1
     ]
     assert not torch.equal(after[key][absent], before[key][absent])
+
+
+def test_resume_reuses_finished_stages_even_after_a_move(world_dir, base_dir, tmp_path):
+    import shutil
+
+    from training.continual import ContinualMethod
+
+    shards = _shards(world_dir, base_dir, tmp_path, ["en", "pt"])
+    cfg = _config(base_dir, shards, tmp_path / "a", world_dir, teir=True, languages=["pt"], steps=4)
+    cfg.method.options["eval_world"] = None
+    first = ContinualMethod.run(cfg)
+    weights = tmp_path / "a" / "stage-1-pt" / "export" / "open_clip_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    cfg.run.output_dir, cfg.run.resume = str(tmp_path / "b"), True
+    again = ContinualMethod.run(cfg)
+    assert again["stages"][0]["resumed"] is True
+    moved = tmp_path / "b" / "stage-1-pt" / "export" / "open_clip_model.safetensors"
+    assert again["export"] == str(moved) != first["export"]
+    assert moved.stat().st_mtime_ns == stamp  # not trained again

@@ -553,8 +553,11 @@ class ContinualRun:
             ):
                 log.info("continual stage %d (%s): already done in %s", k, lang, stage_dir)
                 summary = json.loads((stage_dir / "summary.json").read_text())
+                if summary.get("export"):  # the folder may have moved since: use where it is
+                    summary["export"] = str(stage_dir / "export" / Path(summary["export"]).name)
                 summary.update(
                     {
+                        "output_dir": str(stage_dir),
                         "language": lang,
                         "resumed": True,
                         "new_tokens": json.loads(done.read_text())["added_tokens"][lang],

@@ -61,7 +61,7 @@ def plot_language_bars(
     )
     width = 0.8 / max(1, len(models))
     many = len(models) > 4
-    fig, ax = plt.subplots(figsize=(1.2 + (0.35 * len(models) + 0.6) * len(languages), 4.2))
+    fig, ax = plt.subplots(figsize=(1.2 + (0.25 * len(models) + 0.6) * len(languages), 4.2))
     for i, model in enumerate(models):
         vals = [results[model]["languages"].get(lang, {}).get(metric, 0.0) for lang in languages]
         err = [errors[model].get(lang, 0.0) for lang in languages] if errors else None
