@@ -301,3 +301,10 @@ def test_resume_reuses_finished_stages_even_after_a_move(world_dir, base_dir, tm
     moved = tmp_path / "b" / "stage-1-pt" / "export" / "open_clip_model.safetensors"
     assert again["export"] == str(moved) != first["export"]
     assert moved.stat().st_mtime_ns == stamp  # not trained again
+    # A stage grown from other weights (say, a rebuilt base model) is trained again.
+    state_file = moved.parent / "continual_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "run_start": "some-other-model"}))
+    third = ContinualMethod.run(cfg)
+    assert third["stages"][0].get("resumed") is not True
+    assert json.loads(state_file.read_text())["run_start"] == state["run_start"]

@@ -42,7 +42,7 @@ from training import cl_metrics
 from training.config import MethodConfig, TrainConfig, options_from
 from training.lit import image_tower_locked, text_transformer
 from training.methods import ClipMethod, register_method
-from training.models import ClipBundle, unwrap
+from training.models import ClipBundle, unwrap, weights_id
 
 log = logging.getLogger(__name__)
 
@@ -530,6 +530,8 @@ class ContinualRun:
             pretrained_text=cfg.model.pretrained_text,
         )
         state = self._initial_state(start, bundle)
+        # Finished stages are reused only when they grew from these very weights.
+        self.start_id = weights_id(bundle.model)
         teacher_dir = opts.teacher or state.get("teacher") or start
         # The frozen teacher: the model before the first stage (its own tokenizer included).
         teacher = load_clip(teacher_dir, cfg.model.pretrained if teacher_dir == start else None)
@@ -550,6 +552,7 @@ class ContinualRun:
                 cfg.run.resume
                 and done.is_file()
                 and json.loads(done.read_text())["languages"] == [*state["languages"], lang]
+                and json.loads(done.read_text()).get("run_start") == self.start_id
             ):
                 log.info("continual stage %d (%s): already done in %s", k, lang, stage_dir)
                 summary = json.loads((stage_dir / "summary.json").read_text())
@@ -639,6 +642,7 @@ class ContinualRun:
             "usage": {**state["usage"], lang: sorted(used)},
             "added_tokens": {**state.get("added_tokens", {}), lang: len(added)},
             "vocab_size": len(grown),
+            "run_start": self.start_id,
         }
         (stage_dir / "export" / STATE_FILE).write_text(json.dumps(new_state))
         summary.update(

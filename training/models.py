@@ -182,14 +182,19 @@ def image_tower_id(model: torch.nn.Module) -> str:
     cached = getattr(visual, "_babelcap_id", None)
     if cached is not None:
         return cached
+    tower_id = f"open_clip-visual-{weights_id(visual)}"
+    visual._babelcap_id = tower_id
+    return tower_id
+
+
+def weights_id(module: torch.nn.Module) -> str:
+    """Content hash of a module's weights (names, shapes and values)."""
     h = hashlib.sha256()
-    for key, tensor in sorted(visual.state_dict().items()):
+    for key, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu", torch.float32).contiguous()
         h.update(f"{key}:{tuple(t.shape)};".encode())
         h.update(t.numpy().tobytes())
-    tower_id = f"open_clip-visual-{h.hexdigest()[:16]}"
-    visual._babelcap_id = tower_id
-    return tower_id
+    return h.hexdigest()[:16]
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
