@@ -67,6 +67,7 @@ def build_world_step(cfg: DemoConfig, world: Path) -> None:
 
 def augment_step(cfg: DemoConfig, world: Path, augment_dir: Path) -> dict[str, Any]:
     from pipelines.options import AugmentConfig, CaptionerConfig, ClipConfig, TranslatorConfig
+    from pipelines.runner import published_run
     from pipelines.runner import run as run_augment
     from world.models import model_dir
 
@@ -83,13 +84,8 @@ def augment_step(cfg: DemoConfig, world: Path, augment_dir: Path) -> dict[str, A
         ),
         seed=cfg.seed,
     )
-    from pipelines.publish import read_manifest
-
-    try:
-        previous = read_manifest(str(augment_dir))
-    except FileNotFoundError:
-        previous = {}
-    if previous.get("config") == json.loads(json.dumps(config.to_dict())):
+    previous = published_run(config)
+    if previous is not None:
         print(f"augment: cached in {augment_dir}")
         return previous
     return run_augment(config, workers=cfg.workers)

@@ -64,8 +64,7 @@ def augment(
 ) -> Path:
     """Beam augmentation of the world's training split (cached by configuration)."""
     from pipelines.options import AugmentConfig, CaptionerConfig, ClipConfig, TranslatorConfig
-    from pipelines.publish import read_manifest
-    from pipelines.runner import run
+    from pipelines.runner import published_run, run
     from world.models import model_dir
 
     config = AugmentConfig(
@@ -85,12 +84,8 @@ def augment(
             embed_images=True,
         ),
     )
-    try:
-        if read_manifest(str(out)).get("config") == json.loads(json.dumps(config.to_dict())):
-            return out / "shards"
-    except FileNotFoundError:
-        pass
-    run(config, workers=workers, echo=False)
+    if published_run(config) is None:
+        run(config, workers=workers, echo=False)
     return out / "shards"
 
 

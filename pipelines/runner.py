@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
 import platform
@@ -144,6 +145,17 @@ def _metrics(result: Any) -> dict[str, Any]:
             prev = out.get(key, {"sum": 0, "count": 0})
             out[key] = {"sum": prev["sum"] + val.sum, "count": prev["count"] + val.count}
     return dict(sorted(out.items()))
+
+
+def published_run(config: AugmentConfig) -> dict[str, Any] | None:
+    """The manifest of a run of exactly this configuration already published at its output
+    (so it need not run again), else None."""
+    try:
+        manifest = publish.read_manifest(config.output)
+    except FileNotFoundError:
+        return None
+    same = manifest.get("config") == json.loads(json.dumps(config.to_dict()))
+    return manifest if same else None
 
 
 def run(

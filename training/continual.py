@@ -547,12 +547,12 @@ class ContinualRun:
         current = start
         for k, lang in enumerate(self.languages, 1):
             stage_dir = self.out / f"stage-{k}-{lang}"
-            done = stage_dir / "export" / STATE_FILE
+            done_file = stage_dir / "export" / STATE_FILE
+            done = json.loads(done_file.read_text()) if done_file.is_file() else {}
             if (
                 cfg.run.resume
-                and done.is_file()
-                and json.loads(done.read_text())["languages"] == [*state["languages"], lang]
-                and json.loads(done.read_text()).get("run_start") == self.start_id
+                and done.get("languages") == [*state["languages"], lang]
+                and done.get("run_start") == self.start_id
             ):
                 log.info("continual stage %d (%s): already done in %s", k, lang, stage_dir)
                 summary = json.loads((stage_dir / "summary.json").read_text())
@@ -563,8 +563,8 @@ class ContinualRun:
                         "output_dir": str(stage_dir),
                         "language": lang,
                         "resumed": True,
-                        "new_tokens": json.loads(done.read_text())["added_tokens"][lang],
-                        "vocab_size": json.loads(done.read_text())["vocab_size"],
+                        "new_tokens": done["added_tokens"][lang],
+                        "vocab_size": done["vocab_size"],
                     }
                 )
             else:
