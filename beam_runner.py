@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from pipelines.runner import run
+    from babelcap.pipelines.runner import run
 
     run(config_from_args(args), beam_args=beam_args, workers=args.workers)
     return 0

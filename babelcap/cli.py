@@ -27,7 +27,7 @@ COMMAND_MODULES = [
     "demo",
 ]
 
-OWN_LOGGERS = ("babelcap", "pipelines", "translators", "training", "world")
+OWN_LOGGERS = ("babelcap",)
 
 
 def build_parser() -> argparse.ArgumentParser:

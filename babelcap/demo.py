@@ -50,7 +50,7 @@ def _step(name: str) -> float:
 
 
 def build_world_step(cfg: DemoConfig, world: Path) -> None:
-    from world.build import GENERATOR_VERSION, build_world
+    from babelcap.world.build import GENERATOR_VERSION, build_world
 
     meta = world / "world.json"
     if meta.exists():
@@ -66,10 +66,15 @@ def build_world_step(cfg: DemoConfig, world: Path) -> None:
 
 
 def augment_step(cfg: DemoConfig, world: Path, augment_dir: Path) -> dict[str, Any]:
-    from pipelines.options import AugmentConfig, CaptionerConfig, ClipConfig, TranslatorConfig
-    from pipelines.runner import published_run
-    from pipelines.runner import run as run_augment
-    from world.models import model_dir
+    from babelcap.pipelines.options import (
+        AugmentConfig,
+        CaptionerConfig,
+        ClipConfig,
+        TranslatorConfig,
+    )
+    from babelcap.pipelines.runner import published_run
+    from babelcap.pipelines.runner import run as run_augment
+    from babelcap.world.models import model_dir
 
     config = AugmentConfig(
         input=str(world / "manifest.jsonl"),
@@ -92,8 +97,8 @@ def augment_step(cfg: DemoConfig, world: Path, augment_dir: Path) -> dict[str, A
 
 
 def train_step(cfg: DemoConfig, world: Path, shards: Path, run_dir: Path) -> dict[str, Any]:
-    from training.config import load_config
-    from training.trainer import train
+    from babelcap.training.config import load_config
+    from babelcap.training.trainer import train
 
     os.environ["BABELCAP_WORLD"] = str(world)
     overrides = [
@@ -119,9 +124,9 @@ def train_step(cfg: DemoConfig, world: Path, shards: Path, run_dir: Path) -> dic
 
 
 def eval_step(cfg: DemoConfig, world: Path, run_dir: Path, report: Path) -> dict[str, Any]:
-    from training.evaluate import evaluate, save_report, world_eval_data
-    from training.models import load_clip
-    from world.models import model_dir
+    from babelcap.models.clip import load_clip
+    from babelcap.training.evaluate import evaluate, save_report, world_eval_data
+    from babelcap.world.models import model_dir
 
     data = world_eval_data(world, cfg.eval_languages, split="test")
     results = {}
@@ -278,7 +283,7 @@ def _html(markdown: str) -> str:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every step (reusing cached outputs); returns the results and the report path."""
-    from world.models import build_models
+    from babelcap.world.models import build_models
 
     out = Path(cfg.out).resolve()
     world, augment_dir = out / "world", out / "augment"

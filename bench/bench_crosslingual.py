@@ -35,11 +35,11 @@ LANGS = ["pt", "es", "de", "hi"]
 
 def prepare(world: Path, n_images: int, shards: Path | None, out: Path) -> tuple[Path, list[str]]:
     """World + base CLIP (built when missing) and training shards with image embeddings."""
-    from training.embeddings import embed_shards
-    from training.models import load_clip
-    from training.world_shards import write_world_shards
-    from world.build import build_world
-    from world.models import build_models, model_dir
+    from babelcap.models.clip import load_clip
+    from babelcap.training.embeddings import embed_shards
+    from babelcap.training.world_shards import write_world_shards
+    from babelcap.world.build import build_world
+    from babelcap.world.models import build_models, model_dir
 
     if not (world / "world.json").exists():
         build_world(world, n_images=n_images, seed=11, image_size=64, progress=False)
@@ -64,11 +64,11 @@ def run_adapters(
     origins: list[str] | None,
     batch: int,
 ) -> dict:
-    from training import adapters as ad
-    from training.alignment import AlignmentMethod
-    from training.config import TrainConfig
-    from training.evaluate import world_eval_data
-    from training.models import load_clip
+    from babelcap.models.clip import load_clip
+    from babelcap.training import adapters as ad
+    from babelcap.training.alignment import AlignmentMethod
+    from babelcap.training.config import TrainConfig
+    from babelcap.training.evaluate import world_eval_data
 
     data = world_eval_data(world, ["en", *LANGS], "test")
     results: dict = {}
@@ -144,8 +144,8 @@ def run_continual(
     origins: list[str] | None,
     batch: int,
 ) -> dict:
-    from training.config import TrainConfig
-    from training.continual import ContinualMethod
+    from babelcap.training.config import TrainConfig
+    from babelcap.training.continual import ContinualMethod
 
     results = {}
     for teir in (False, True):

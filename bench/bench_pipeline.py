@@ -42,7 +42,7 @@ LANGS = ["pt", "es"]  # target languages (the world's marian-en-pt serves pt onl
 
 
 def build_world(root: Path, n: int) -> Path:
-    from world.build import build_world as build
+    from babelcap.world.build import build_world as build
 
     out = root / f"world-{n}"
     if not (out / "world.json").exists():
@@ -56,7 +56,7 @@ def resolve_models(args, root: Path) -> dict[str, str]:
         LANGS[:] = given.pop("languages", LANGS)
         return {**given, "kind": "world"}
     if args.world:
-        from world.models import build_models, model_dir
+        from babelcap.world.models import build_models, model_dir
 
         world = Path(args.world)
         build_models(world, only=["captioner", "m2m-multi", "clip-base"])
@@ -91,7 +91,7 @@ def make_config(
     clip: bool = True,
     languages=LANGS,
 ):
-    from pipelines.options import (
+    from babelcap.pipelines.options import (
         AugmentConfig,
         CaptionerConfig,
         ClipConfig,
@@ -134,7 +134,7 @@ def stage_seconds(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def end_to_end(world: Path, models: dict, root: Path, workers: int, num_captions: int) -> dict:
-    from pipelines.runner import run
+    from babelcap.pipelines.runner import run
 
     out = root / f"e2e-w{workers}"
     cfg = make_config(world, out, models, num_captions)
@@ -158,10 +158,10 @@ def translate_stage_vs_engine(world: Path, models: dict, n_images: int | None = 
     """Same English sentences through the raw engine and through the Beam translate stage."""
     import apache_beam as beam
 
-    from pipelines.options import TranslatorConfig
-    from pipelines.runner import pipeline_options
-    from pipelines.translation import Translate, engine_config
-    from translators import Translator
+    from babelcap.pipelines.options import TranslatorConfig
+    from babelcap.pipelines.runner import pipeline_options
+    from babelcap.pipelines.translation import Translate, engine_config
+    from babelcap.translators import Translator
 
     rows = [json.loads(x) for x in (world / "manifest.jsonl").read_text().splitlines()]
     gold = [json.loads(x) for x in (world / "gold" / "en.jsonl").read_text().splitlines()]
@@ -245,7 +245,7 @@ def translate_stage_vs_engine(world: Path, models: dict, n_images: int | None = 
 
 def memory_child(world: str, models_json: str, out: str, workers: int) -> None:
     """Run once (in a fresh process) and print the peak RSS of this process and its workers."""
-    from pipelines.runner import run
+    from babelcap.pipelines.runner import run
 
     models = json.loads(models_json)
     LANGS[:] = models.pop("languages", LANGS)

@@ -63,9 +63,14 @@ def augment(
     workers: int = 2,
 ) -> Path:
     """Beam augmentation of the world's training split (cached by configuration)."""
-    from pipelines.options import AugmentConfig, CaptionerConfig, ClipConfig, TranslatorConfig
-    from pipelines.runner import published_run, run
-    from world.models import model_dir
+    from babelcap.pipelines.options import (
+        AugmentConfig,
+        CaptionerConfig,
+        ClipConfig,
+        TranslatorConfig,
+    )
+    from babelcap.pipelines.runner import published_run, run
+    from babelcap.world.models import model_dir
 
     config = AugmentConfig(
         input=str(world / "manifest.jsonl"),
@@ -92,7 +97,7 @@ def augment(
 def median_synthetic_score(shards: Path) -> float:
     import pyarrow.dataset as ds
 
-    from pipelines.schema import ORIGIN_SYNTHETIC
+    from babelcap.core.schema import ORIGIN_SYNTHETIC
 
     scores = [
         c["score"]
@@ -107,11 +112,11 @@ def train_and_eval(
     recipe: Recipe, out: Path, seed: int, steps: int | None, base: Path, data
 ) -> dict[str, Any]:
     """Train one recipe for one seed (skipped when its output is there); evaluate it."""
-    from training import adapters as per_language
-    from training.config import load_config
-    from training.evaluate import evaluate
-    from training.models import load_clip
-    from training.trainer import run
+    from babelcap.models.clip import load_clip
+    from babelcap.training import adapters as per_language
+    from babelcap.training.config import load_config
+    from babelcap.training.evaluate import evaluate
+    from babelcap.training.trainer import run
 
     overrides = [
         f"data.train={json.dumps([str(recipe.shards)])}",
@@ -200,7 +205,7 @@ def markdown(
 
 
 def plot(recipes: dict[str, dict[str, Any]], out_png: Path) -> Path:
-    from training.plots import plot_language_bars
+    from babelcap.training.plots import plot_language_bars
 
     results = {
         name: {"languages": {lang: {"mean_recall": r[f"{lang}_mean_recall"]} for lang in LANGUAGES}}
@@ -245,10 +250,10 @@ def main() -> int:
     if args.quick:
         seeds = seeds[:2]
 
-    from training.evaluate import evaluate, world_eval_data
-    from training.models import load_clip
-    from training.world_shards import write_world_shards
-    from world.models import STAMP, build_models, model_dir
+    from babelcap.models.clip import load_clip
+    from babelcap.training.evaluate import evaluate, world_eval_data
+    from babelcap.training.world_shards import write_world_shards
+    from babelcap.world.models import STAMP, build_models, model_dir
 
     world = Path(args.world).resolve() if args.world else default_world(args.quick)
     os.environ["BABELCAP_WORLD"] = str(world)

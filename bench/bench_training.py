@@ -66,7 +66,7 @@ class WordHashTokenizer:
 def build_model(drop_image_tower: bool):
     from transformers import XLMRobertaConfig
 
-    from training.models import load_clip
+    from babelcap.models.clip import load_clip
 
     text_dir = Path(tempfile.mkdtemp(prefix="bench-xlmr-"))
     # xlm-roberta-base's shape (XLMRobertaConfig's bare defaults are BERT-sized): no weights.
@@ -87,7 +87,7 @@ def write_shards(out: Path, rows: int, embed_dim: int, image_px: int | None) -> 
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from pipelines import schema
+    from babelcap.core import schema
 
     rng = np.random.default_rng(0)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ def reader_throughput(
     files: list[str], embeddings: bool, batch: int, preprocess=None, max_rows: int = 2048
 ) -> float:
     """Rows/s of the shard reader (one process): read, select caption, tokenise, collate."""
-    from training.data import CaptionSelection, ShardStream, StreamConfig, find_shards
+    from babelcap.training.data import CaptionSelection, ShardStream, StreamConfig, find_shards
 
     stream = ShardStream(
         find_shards(files),
@@ -180,10 +180,10 @@ def run_one(config: str, batch: int, steps: int, device: str) -> dict:
     import torch
     import transformers  # noqa: F401
 
-    from training.config import MethodConfig
-    from training.lit import enable_grad_checkpointing
-    from training.methods import build_method
-    from training.models import count_parameters
+    from babelcap.models.clip import count_parameters
+    from babelcap.training.config import MethodConfig
+    from babelcap.training.lit import enable_grad_checkpointing
+    from babelcap.training.methods import build_method
 
     runtime_rss = psutil.Process().memory_info().rss
     torch.manual_seed(0)
@@ -208,7 +208,7 @@ def run_one(config: str, batch: int, steps: int, device: str) -> dict:
         tmp, rows=max(256, batch * (steps + 2)), embed_dim=embed_dim, image_px=None
     )
     if embeddings:
-        from training.data import CaptionSelection, ShardStream, StreamConfig, find_shards
+        from babelcap.training.data import CaptionSelection, ShardStream, StreamConfig, find_shards
 
         stream = iter(
             ShardStream(

@@ -51,10 +51,10 @@ def peak_rss_mb() -> float:
 # -- models ------------------------------------------------------------------------------------
 def world_models(world: Path) -> Path:
     """The world's Marian model (built if missing): DIR/models/marian-en-pt/{hf,ct2}."""
-    from world.models import build_models, model_dir
+    from babelcap.world.models import build_models, model_dir
 
     if not (world / "world.json").exists():
-        from world.build import build_world
+        from babelcap.world.build import build_world
 
         build_world(world, n_images=400, seed=7, image_size=64, progress=False)
     build_models(world, only=["marian-en-pt"])
@@ -71,7 +71,7 @@ def big_marian(world_marian: Path) -> Path:
     import torch
     from transformers import MarianConfig, MarianMTModel, MarianTokenizer
 
-    from translators import convert_model
+    from babelcap.translators import convert_model
 
     hf = out / "hf"
     shutil.rmtree(out, ignore_errors=True)
@@ -109,7 +109,7 @@ def big_marian(world_marian: Path) -> Path:
 
 
 def sentences(world: Path, n: int) -> list[str]:
-    from world.load import load_gold
+    from babelcap.world.load import load_gold
 
     rows = load_gold(world, "en")
     out = [c for r in rows for c in r["captions"]][:n]
@@ -171,7 +171,7 @@ def worker_ct2(
     repeats: int,
     compute_type: str,
 ) -> dict:
-    from translators import Translator
+    from babelcap.translators import Translator
 
     engine = Translator(
         model_dir, device="cpu", compute_type=compute_type, intra_threads=threads
@@ -205,7 +205,7 @@ def worker_memory(
     memory: bool,
     cache_path: str | None = None,
 ) -> dict:
-    from translators import Translator
+    from babelcap.translators import Translator
 
     engine = Translator(
         model_dir,
@@ -281,7 +281,7 @@ def speed(
 
 
 def memory_effect(world: Path, model: Path, threads: int, chunk: int, limit: int | None) -> dict:
-    from world.load import load_gold
+    from babelcap.world.load import load_gold
 
     # Every paraphrase of every image, image by image: the repetition a captioner's output has.
     texts = [c for r in load_gold(world, "en") for c in r["captions"]][:limit]

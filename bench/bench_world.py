@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from babelcap.world.build import build_world
 from bench.common import write_results
-from world.build import build_world
 
 
 def _size_mb(path: Path) -> float:

@@ -16,16 +16,16 @@ from typing import Any
 
 import apache_beam as beam
 
-from pipelines.captioning import Caption
-from pipelines.clipscore import ClipScore
-from pipelines.deadletter import DEAD, reject
-from pipelines.decode import DecodeImages
-from pipelines.dedup import DropDuplicateImages
-from pipelines.filters import FilterEnglish, FilterTranslations, SelectCaptions
-from pipelines.options import AugmentConfig
-from pipelines.sinks import WriteOutputs
-from pipelines.sources import ReadInputs
-from pipelines.translation import Translate
+from babelcap.pipelines.captioning import Caption
+from babelcap.pipelines.clipscore import ClipScore
+from babelcap.pipelines.deadletter import DEAD, reject
+from babelcap.pipelines.decode import DecodeImages
+from babelcap.pipelines.dedup import DropDuplicateImages
+from babelcap.pipelines.filters import FilterEnglish, FilterTranslations, SelectCaptions
+from babelcap.pipelines.options import AugmentConfig
+from babelcap.pipelines.sinks import WriteOutputs
+from babelcap.pipelines.sources import ReadInputs
+from babelcap.pipelines.translation import Translate
 
 
 class RequireCaptions(beam.DoFn):

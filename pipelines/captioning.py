@@ -20,11 +20,12 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from pipelines import schema
-from pipelines.accounting import bump
-from pipelines.deadletter import DEAD, reject
-from pipelines.decode import decode_rgb
-from pipelines.models import Loaded, limit_torch_threads, local_model_path, resolve_device
+from babelcap.core import schema
+from babelcap.core.devices import limit_torch_threads, resolve_device
+from babelcap.core.images import decode_rgb
+from babelcap.pipelines.accounting import bump
+from babelcap.pipelines.deadletter import DEAD, reject
+from babelcap.pipelines.models import Loaded, local_model_path
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,12 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from pipelines.accounting import bump
-from pipelines.captioning import FailedBatch
-from pipelines.decode import decode_rgb
-from pipelines.models import Loaded, limit_torch_threads, local_model_path, resolve_device
-from pipelines.options import ClipConfig
+from babelcap.core.devices import limit_torch_threads, resolve_device
+from babelcap.core.images import decode_rgb
+from babelcap.pipelines.accounting import bump
+from babelcap.pipelines.captioning import FailedBatch
+from babelcap.pipelines.models import Loaded, local_model_path
+from babelcap.pipelines.options import ClipConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def load_clip_model(cfg: ClipConfig) -> tuple[Any, Any, Any, str, str]:
     name = local_model_path(cfg.model)
     pretrained = local_model_path(cfg.pretrained) if cfg.pretrained else None
     try:
-        from training.models import image_tower_id, load_clip
+        from babelcap.models.clip import image_tower_id, load_clip
     except ImportError:  # the pipeline also runs without the training package installed
         import open_clip
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from apache_beam import pvalue
 
-from pipelines import schema
-from pipelines.accounting import bump
+from babelcap.core import schema
+from babelcap.pipelines.accounting import bump
 
 DEAD = "dead_letter"
 

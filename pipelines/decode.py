@@ -1,9 +1,7 @@
 """Decode and check images; check source captions.
 
-`decode_rgb` is the one place that turns bytes into an RGB PIL image: it rejects zero-byte,
-non-image, truncated and corrupt files and decompression bombs (a configurable pixel limit,
-checked from the header before any pixel is decoded), and converts every mode to RGB (CMYK,
-16-bit, palette with transparency composited on white, first frame of animations).
+Images are decoded by `babelcap.core.images.decode_rgb`, the decoder every other stage and
+the trainer use too; its `ImageError.kind` is the dead-letter reason.
 
 `DecodeImages` (a DoFn) applies it, computes `image_id` from the original bytes, prepares the
 bytes stored in the shard's `image` column, and checks the source caption (invalid UTF-8,
@@ -13,78 +11,19 @@ empty, overlong -> dropped with a counted reason; the image itself still goes on
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
-from pipelines import schema
-from pipelines.accounting import bump, caption_drop
-from pipelines.deadletter import reject
-from pipelines.options import AugmentConfig
+from babelcap.core import schema
+from babelcap.core.images import ImageError, decode_rgb
+from babelcap.pipelines.accounting import bump, caption_drop
+from babelcap.pipelines.deadletter import reject
+from babelcap.pipelines.options import AugmentConfig
 
 STAGE = "decode"
-
-
-class ImageError(ValueError):
-    """An input that is not a usable image; `kind` is the dead-letter error_kind."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything above 255.
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def decode_rgb(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
-    """Bytes -> RGB image, or ImageError(kind) with kind in
-    empty_file, not_an_image, decompression_bomb, truncated_image, corrupt_image."""
-    if not data:
-        raise ImageError("empty_file", "zero-byte file")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError as exc:
-            raise ImageError("not_an_image", str(exc)) from exc
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError("decompression_bomb", str(exc)) from exc
-        except Exception as exc:
-            raise ImageError("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
-        width, height = im.size
-        if width * height > max_pixels:
-            raise ImageError(
-                "decompression_bomb", f"{width}x{height} = {width * height} px > {max_pixels}"
-            )
-        try:
-            im.verify()  # structure check (CRCs, chunk order) without decoding pixels
-            im = Image.open(io.BytesIO(data))
-            im.seek(0)  # first frame of animations
-            im.load()
-        except OSError as exc:
-            kind = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
-            raise ImageError(kind, f"{type(exc).__name__}: {exc}") from exc
-        except Exception as exc:
-            raise ImageError("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
-    return _to_rgb(im)
 
 
 def encode_for_storage(im: Image.Image, max_side: int | None) -> bytes:

@@ -12,8 +12,8 @@ from typing import Any
 
 import apache_beam as beam
 
-from pipelines.accounting import DUPLICATES, bump
-from pipelines.deadletter import DEAD, DUPLICATE_IMAGE, reject
+from babelcap.pipelines.accounting import DUPLICATES, bump
+from babelcap.pipelines.deadletter import DEAD, DUPLICATE_IMAGE, reject
 
 STAGE = "dedup"
 

@@ -21,24 +21,12 @@ from typing import Any
 import pyarrow.dataset as ds
 from PIL import Image
 
-from pipelines import schema
+from babelcap.core import schema
+from babelcap.core.shards import find_shards
 
 log = logging.getLogger(__name__)
 
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-
-
-def shard_files(path: str | Path) -> list[str]:
-    """Parquet shard files of an augment output folder, a shard folder or one file."""
-    p = Path(path)
-    if p.is_file():
-        return [str(p)]
-    if (p / "shards").is_dir():
-        p = p / "shards"
-    files = sorted(str(f) for f in p.rglob("*.parquet") if "dead_letter" not in f.parts)
-    if not files:
-        raise FileNotFoundError(f"no Parquet shards under {path}")
-    return files
 
 
 def _image_bytes(image: dict[str, Any] | None) -> tuple[bytes, str] | None:
@@ -114,7 +102,7 @@ def export_webdataset(
     counts = {"written": 0, "no_caption_in_language": 0, "no_image": 0}
     pattern = str(out / f"{prefix}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
-        for sample in samples(shard_files(shards), lang, counts):
+        for sample in samples(list(find_shards(shards).files), lang, counts):
             sink.write(sample)
     sizes: dict[str, int] = {}
     for tar in sorted(out.glob(f"{prefix}-*.tar")):

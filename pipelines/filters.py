@@ -23,9 +23,9 @@ from typing import Any
 
 import apache_beam as beam
 
-from pipelines import schema
-from pipelines.accounting import bump, caption_drop
-from pipelines.options import ClipConfig, TextFilterConfig
+from babelcap.core import schema
+from babelcap.pipelines.accounting import bump, caption_drop
+from babelcap.pipelines.options import ClipConfig, TextFilterConfig
 
 log = logging.getLogger(__name__)
 

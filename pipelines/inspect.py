@@ -6,8 +6,6 @@ record batches, so a folder of any size is summarised in bounded memory.
 
 from __future__ import annotations
 
-import glob
-import os
 import random
 from collections import Counter
 from collections.abc import Iterable
@@ -17,26 +15,10 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import schema
+from babelcap.core import schema
+from babelcap.core.shards import find_shards
 
 _RESERVOIR = 10_000  # caption lengths kept for percentiles
-
-
-def find_parquet_files(path_or_glob: str) -> list[str]:
-    """Expand a file, a folder (recursively) or a glob into a sorted list of Parquet files."""
-    if os.path.isdir(path_or_glob):
-        pattern = os.path.join(path_or_glob, "**", "*.parquet")
-        files = glob.glob(pattern, recursive=True)
-    elif any(ch in path_or_glob for ch in "*?["):
-        files = glob.glob(path_or_glob, recursive=True)
-    elif os.path.exists(path_or_glob):
-        files = [path_or_glob]
-    else:
-        raise FileNotFoundError(f"no such file, folder or glob match: {path_or_glob}")
-    files = sorted(f for f in files if os.path.isfile(f))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {path_or_glob}")
-    return files
 
 
 @dataclass
@@ -155,8 +137,8 @@ def _scan_dead_letter(path: str, report: Report, batch_size: int) -> None:
 def inspect_paths(path_or_glob: str, n_samples: int = 3, batch_size: int = 4096) -> dict[str, Any]:
     """Summarise every babelcap Parquet file under `path_or_glob` (shards and dead letters)."""
     report = Report()
-    for path in find_parquet_files(path_or_glob):
-        info = schema.read_file_info(path)
+    found = find_shards(path_or_glob, kind=None)
+    for path, info in zip(found.files, found.infos, strict=True):
         report.files.append(
             {
                 "path": path,

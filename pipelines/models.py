@@ -1,4 +1,4 @@
-"""Where models come from on a worker: device choice and remote model folders.
+"""Where models come from on a worker: remote model folders, copied once per process.
 
 A model given as a remote folder (`gs://bucket/models/captioner`) is copied once per worker
 process into a local cache directory (Beam's FileSystems, so any registered filesystem works)
@@ -16,24 +16,6 @@ import tempfile
 log = logging.getLogger(__name__)
 
 _COPIED: dict[str, str] = {}
-
-
-def limit_torch_threads() -> None:
-    """Local multi-process runs split the CPU cores between workers (BABELCAP_TORCH_THREADS,
-    set by the local runner); elsewhere torch keeps its default."""
-    threads = os.environ.get("BABELCAP_TORCH_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(max(1, int(threads)))
-
-
-def resolve_device(device: str = "auto") -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def local_model_path(path: str) -> str:

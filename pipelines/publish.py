@@ -27,13 +27,14 @@ from typing import Any
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import schema
-from pipelines.sinks import DEAD_LETTER_DIR, SHARDS_DIR, STATS_FILE, shard_name, write_parquet
+from babelcap.core import schema
+from babelcap.core.shards import DEAD_LETTER_DIR, RUN_MANIFEST, SHARDS_DIR
+from babelcap.pipelines.sinks import STATS_FILE, shard_name, write_parquet
 
 log = logging.getLogger(__name__)
 
 STAGING_DIR = "_staging"
-MANIFEST = "run_manifest.json"
+MANIFEST = RUN_MANIFEST
 
 
 def _ls(folder: str, suffix: str = "") -> list[str]:

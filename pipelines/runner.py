@@ -18,7 +18,7 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,16 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from pipelines import accounting, publish, schema
-from pipelines.builder import build
-from pipelines.options import AugmentConfig
-from pipelines.sinks import DEAD_LETTER_DIR
+from babelcap.core import schema
+from babelcap.core.devices import THREADS_ENV
+from babelcap.core.shards import DEAD_LETTER_DIR
+from babelcap.pipelines import accounting, publish
+from babelcap.pipelines.builder import build
+from babelcap.pipelines.options import AugmentConfig
 
 log = logging.getLogger(__name__)
 
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
-PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def pipeline_options(beam_args: Sequence[str] = (), workers: int = 2) -> PipelineOptions:
@@ -58,16 +59,28 @@ def pipeline_options(beam_args: Sequence[str] = (), workers: int = 2) -> Pipelin
         if not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
             # Local worker processes print every INFO line of Beam's harness to the console.
             options.view_as(WorkerOptions).default_sdk_harness_log_level = "WARNING"
-        if direct.direct_running_mode == "multi_processing":
-            cores = os.cpu_count() or 1
-            os.environ["BABELCAP_TORCH_THREADS"] = str(max(1, cores // direct.direct_num_workers))
-        else:
-            os.environ.pop("BABELCAP_TORCH_THREADS", None)
-        # Worker subprocesses must import babelcap's packages even when it is not installed.
-        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-        if PROJECT_ROOT not in paths:
-            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [PROJECT_ROOT, *paths] if p)
     return options
+
+
+@contextlib.contextmanager
+def worker_environment(options: PipelineOptions) -> Iterator[None]:
+    """While a local multi-process run lasts, its worker processes (which inherit this
+    environment) split the cores between them; the caller's environment is restored after."""
+    direct = options.view_as(DirectOptions)
+    local = options.view_as(StandardOptions).runner == LOCAL_RUNNER
+    if not (local and direct.direct_running_mode == "multi_processing"):
+        yield
+        return
+    before = os.environ.get(THREADS_ENV)
+    cores = os.cpu_count() or 1
+    os.environ[THREADS_ENV] = str(max(1, cores // max(1, direct.direct_num_workers or 1)))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = before
 
 
 def model_ids(config: AugmentConfig) -> dict[str, Any]:
@@ -78,7 +91,7 @@ def model_ids(config: AugmentConfig) -> dict[str, Any]:
         models["translator"] = config.translator.model
         if "://" not in config.translator.model:
             try:
-                from translators import read_model_info
+                from babelcap.translators import read_model_info
 
                 models["translator"] = read_model_info(config.translator.model).model_id
             except Exception as exc:  # informative only
@@ -93,7 +106,7 @@ def check_config(config: AugmentConfig) -> tuple[str, ...]:
     """Fail fast, before any work: languages, model folders, input. Returns target codes."""
     languages: tuple[str, ...] = ()
     if config.languages:
-        from pipelines.translation import check_languages
+        from babelcap.pipelines.translation import check_languages
 
         languages = check_languages(config.translator, config.languages)
     for name, model in (
@@ -180,8 +193,9 @@ def run(
     start = time.perf_counter()
     pipeline = beam.Pipeline(options=options)
     build(pipeline, config, staging, models, languages)
-    result = pipeline.run()
-    result.wait_until_finish()
+    with worker_environment(options):
+        result = pipeline.run()
+        result.wait_until_finish()
     seconds = time.perf_counter() - start
 
     staged = publish.read_staged(staging)

@@ -19,16 +19,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import schema
-from pipelines.accounting import DEAD_ROWS, ROWS, MergeStats, bump
+from babelcap.core import schema
+from babelcap.core.shards import DEAD_LETTER_DIR, SHARDS_DIR, write_shard
+from babelcap.pipelines.accounting import DEAD_ROWS, ROWS, MergeStats, bump
 
-SHARDS_DIR = "shards"
-DEAD_LETTER_DIR = "dead_letter"
 STATS_FILE = "stats.json"
-ROW_GROUP_SIZE = 256
 
 
 def shard_name(index: int, total: int) -> str:
@@ -56,9 +53,8 @@ def to_row(rec: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_parquet(path: str, rows: list[dict[str, Any]], arrow_schema) -> int:
     """Write rows with the exact schema (zstd) to any Beam filesystem path; returns bytes."""
-    table = schema.rows_to_table(rows, arrow_schema)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+    write_shard(buf, rows, arrow_schema=arrow_schema)
     data = buf.getvalue()
     with FileSystems.create(path) as f:
         f.write(data)

@@ -26,9 +26,9 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.accounting import INPUTS, bump
-from pipelines.deadletter import DEAD, reject
-from pipelines.options import AugmentConfig
+from babelcap.pipelines.accounting import INPUTS, bump
+from babelcap.pipelines.deadletter import DEAD, reject
+from babelcap.pipelines.options import AugmentConfig
 
 MANIFEST_EXTENSIONS = (".jsonl", ".json", ".ndjson", ".csv", ".parquet")
 IMAGE_COLUMNS = ("image_path", "image", "path", "file", "filename", "file_name", "url", "uri")

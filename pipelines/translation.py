@@ -22,11 +22,11 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from pipelines import schema
-from pipelines.accounting import NAMESPACE, bump
-from pipelines.captioning import FailedBatch
-from pipelines.models import local_model_path
-from pipelines.options import TranslatorConfig
+from babelcap.core import schema
+from babelcap.pipelines.accounting import NAMESPACE, bump
+from babelcap.pipelines.captioning import FailedBatch
+from babelcap.pipelines.models import local_model_path
+from babelcap.pipelines.options import TranslatorConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ STAGE = "translate"
 
 
 def engine_config(cfg: TranslatorConfig, model_dir: str | None = None):
-    from translators import TranslatorConfig as EngineConfig
+    from babelcap.translators import TranslatorConfig as EngineConfig
 
     return EngineConfig(model_dir=model_dir or cfg.model, device=cfg.device, **dict(cfg.options))
 
 
 def check_languages(cfg: TranslatorConfig, languages: Sequence[str]) -> tuple[str, ...]:
     """Canonical codes of `languages`; ValueError for codes unknown or not served by the model."""
-    from translators import Translator, resolve
+    from babelcap.translators import Translator, resolve
 
     codes = []
     for code in languages:
@@ -75,7 +75,7 @@ class TranslateModelHandler(ModelHandler[dict, dict, Any]):
         self.source = source
 
     def load_model(self) -> Any:
-        from translators import Translator
+        from babelcap.translators import Translator
 
         log.info("loading translator %s", self.config.model)
         return Translator(engine_config(self.config, local_model_path(self.config.model))).load()

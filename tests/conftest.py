@@ -28,7 +28,7 @@ def _cache_root() -> Path:
 @pytest.fixture(scope="session")
 def world_dir() -> Path:
     """A small built world (same parameters every session, rebuilt only when they change)."""
-    from world.build import GENERATOR_VERSION, build_world
+    from babelcap.world.build import GENERATOR_VERSION, build_world
 
     out = _cache_root() / "test-world"
     meta = out / "world.json"
@@ -44,7 +44,7 @@ def world_dir() -> Path:
 @pytest.fixture(scope="session")
 def world_models(world_dir: Path):
     """Build (or reuse) the world's models; call with the names a test needs."""
-    from world.models import build_models, model_dir
+    from babelcap.world.models import build_models, model_dir
 
     def build(*names: str) -> dict[str, Path]:
         build_models(world_dir, only=list(names))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import adapters as ad
+from babelcap.training import adapters as ad
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def base_dir(world_models) -> Path:
 
 
 def _load(base_dir: Path):
-    from training.models import load_clip
+    from babelcap.models.clip import load_clip
 
     bundle = load_clip(str(base_dir))
     bundle.model.eval()

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import schema
-from training import adapters as ad
-from training.alignment import PAIRINGS, AlignmentMethod, alignment_loss, apply_pairing
-from training.config import TrainConfig
+from babelcap.core import schema
+from babelcap.core.shards import write_shard
+from babelcap.training import adapters as ad
+from babelcap.training.alignment import PAIRINGS, AlignmentMethod, alignment_loss, apply_pairing
+from babelcap.training.config import TrainConfig
 
 # ----------------------------------------------------------------------------- losses
 
@@ -59,10 +60,10 @@ def _row(i: int) -> dict:
     ],
 )
 def test_pairings_select_the_linked_pairs(tmp_path, pairing, student):
-    from training.data import CaptionSelection, ShardStream, StreamConfig, find_shards
+    from babelcap.training.data import CaptionSelection, ShardStream, StreamConfig, find_shards
 
     path = tmp_path / "shard.parquet"
-    schema.write_table(schema.rows_to_table([_row(i) for i in range(4)]), str(path))
+    write_shard(str(path), [_row(i) for i in range(4)])
     cfg = TrainConfig.from_dict({"data": {"train": [str(path)], "languages": ["en", "pt"]}})
     apply_pairing(cfg, pairing)
     assert cfg.data.with_source and tuple(cfg.data.origins) == PAIRINGS[pairing].origins
@@ -81,7 +82,7 @@ def test_pairings_select_the_linked_pairs(tmp_path, pairing, student):
 
 
 def test_unknown_options_are_rejected():
-    from training.config import MethodConfig
+    from babelcap.training.config import MethodConfig
 
     with pytest.raises(ValueError, match="pairing"):
         AlignmentMethod(MethodConfig(name="alignment", options={"pairing": "nope"}))
@@ -98,8 +99,8 @@ def base_dir(world_models) -> Path:
 
 
 def test_per_language_gradients_reach_only_that_languages_adapter(base_dir):
-    from training.config import MethodConfig
-    from training.models import load_clip
+    from babelcap.models.clip import load_clip
+    from babelcap.training.config import MethodConfig
 
     bundle = load_clip(str(base_dir))
     method = AlignmentMethod(
@@ -129,10 +130,10 @@ def test_per_language_gradients_reach_only_that_languages_adapter(base_dir):
 
 
 def test_alignment_with_language_adapters_learns(world_dir, base_dir, tmp_path):
-    from training.embeddings import embed_shards
-    from training.evaluate import world_eval_data
-    from training.models import load_clip
-    from training.world_shards import write_world_shards
+    from babelcap.models.clip import load_clip
+    from babelcap.training.embeddings import embed_shards
+    from babelcap.training.evaluate import world_eval_data
+    from babelcap.training.world_shards import write_world_shards
 
     raw = write_world_shards(world_dir, tmp_path / "raw", ["en", "pt", "es"], split="train")
     shards = embed_shards(load_clip(str(base_dir)), raw, tmp_path / "shards")
@@ -192,8 +193,8 @@ def test_alignment_with_language_adapters_learns(world_dir, base_dir, tmp_path):
 
 
 def _trainer(world_dir, base_dir, tmp_path, adapters: str):
-    from training.trainer import Trainer
-    from training.world_shards import write_world_shards
+    from babelcap.training.trainer import Trainer
+    from babelcap.training.world_shards import write_world_shards
 
     shards = write_world_shards(world_dir, tmp_path / "s", ["en", "pt", "hi"], split="val")
     cfg = TrainConfig.from_dict(
@@ -214,7 +215,7 @@ def _trainer(world_dir, base_dir, tmp_path, adapters: str):
 def test_checkpointing_stays_off_only_for_per_language_adapters(
     world_dir, base_dir, tmp_path, adapters
 ):
-    from training.lit import text_transformer
+    from babelcap.training.lit import text_transformer
 
     trainer = _trainer(world_dir, base_dir, tmp_path, adapters)
     assert text_transformer(trainer.raw_model).is_gradient_checkpointing == (adapters == "shared")

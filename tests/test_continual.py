@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import cl_metrics
+from babelcap.training import cl_metrics
 
 # ----------------------------------------------------------------------------- AA, F, F_en
 
@@ -64,8 +64,8 @@ def base_dir(world_models) -> Path:
 def test_vocabulary_extension_is_used_and_reloads(world_dir, base_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from training.continual import extend_tokenizer, token_usage, train_vocabulary
-    from world.load import load_gold
+    from babelcap.training.continual import extend_tokenizer, token_usage, train_vocabulary
+    from babelcap.world.load import load_gold
 
     tok = AutoTokenizer.from_pretrained(base_dir / "text")
     texts = [c for r in load_gold(world_dir, "hi", "train") for c in r["captions"]]
@@ -92,8 +92,8 @@ def test_vocabulary_extension_is_used_and_reloads(world_dir, base_dir, tmp_path)
 
 
 def test_teir_initialisation_statistics(base_dir):
-    from training.continual import grow_embeddings, word_embeddings
-    from training.models import load_clip
+    from babelcap.models.clip import load_clip
+    from babelcap.training.continual import grow_embeddings, word_embeddings
 
     bundle = load_clip(str(base_dir))
     emb = word_embeddings(bundle.model)
@@ -125,7 +125,7 @@ def test_teir_initialisation_statistics(base_dir):
 
 
 def test_teir_row_scale():
-    from training.continual import teir_row_scale
+    from babelcap.training.continual import teir_row_scale
 
     scale = teir_row_scale(10, current={4, 5, 6, 7}, earlier=[{5, 6}, {6, 8}], special_ids=[0, 7])
     expected = torch.tensor([0, 0, 0, 0, 1, 1 / 2, 1 / 3, 0, 0, 0])
@@ -135,7 +135,7 @@ def test_teir_row_scale():
 
 
 def test_row_scaled_update_scales_gradient_and_decay():
-    from training.continual import RowScaledUpdate
+    from babelcap.training.continual import RowScaledUpdate
 
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4, 3))
@@ -161,9 +161,9 @@ def test_row_scaled_update_scales_gradient_and_decay():
 
 def _shards(world_dir: Path, base_dir: Path, tmp_path: Path, languages: list[str]) -> list[Path]:
     """World gold shards (linked to English) with the base image tower's embeddings."""
-    from training.embeddings import embed_shards
-    from training.models import load_clip
-    from training.world_shards import write_world_shards
+    from babelcap.models.clip import load_clip
+    from babelcap.training.embeddings import embed_shards
+    from babelcap.training.world_shards import write_world_shards
 
     raw = write_world_shards(world_dir, tmp_path / "raw", languages, split="train")
     return embed_shards(load_clip(str(base_dir)), raw, tmp_path / "shards")
@@ -178,7 +178,7 @@ def _config(
     languages: list[str],
     steps: int,
 ):
-    from training.config import TrainConfig
+    from babelcap.training.config import TrainConfig
 
     return TrainConfig.from_dict(
         {
@@ -215,7 +215,7 @@ def _config(
 def test_continual_learns_and_only_embeddings_change(world_dir, base_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from training.continual import ContinualMethod
+    from babelcap.training.continual import ContinualMethod
 
     shards = _shards(world_dir, base_dir, tmp_path, ["en", "hi"])
     cfg = _config(
@@ -259,7 +259,7 @@ def test_plain_mode_moves_rows_outside_the_language(world_dir, base_dir, tmp_pat
     """Without TEIR, weight decay reaches every row: the contrast TEIR is there for."""
     from safetensors.torch import load_file
 
-    from training.continual import ContinualMethod
+    from babelcap.training.continual import ContinualMethod
 
     shards = _shards(world_dir, base_dir, tmp_path, ["en", "pt"])
     cfg = _config(
@@ -286,7 +286,7 @@ def test_plain_mode_moves_rows_outside_the_language(world_dir, base_dir, tmp_pat
 def test_resume_reuses_finished_stages_even_after_a_move(world_dir, base_dir, tmp_path):
     import shutil
 
-    from training.continual import ContinualMethod
+    from babelcap.training.continual import ContinualMethod
 
     shards = _shards(world_dir, base_dir, tmp_path, ["en", "pt"])
     cfg = _config(base_dir, shards, tmp_path / "a", world_dir, teir=True, languages=["pt"], steps=4)

@@ -17,11 +17,12 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from pipelines import accounting, schema
-from pipelines.deadletter import DEAD
-from pipelines.decode import DecodeImages, ImageError, decode_rgb
-from pipelines.dedup import DropDuplicateImages
-from pipelines.filters import (
+from babelcap.core import schema
+from babelcap.pipelines import accounting
+from babelcap.pipelines.deadletter import DEAD
+from babelcap.pipelines.decode import DecodeImages, ImageError, decode_rgb
+from babelcap.pipelines.dedup import DropDuplicateImages
+from babelcap.pipelines.filters import (
     FilterEnglish,
     FilterTranslations,
     SelectCaptions,
@@ -29,8 +30,8 @@ from pipelines.filters import (
     near_duplicates,
     text_problem,
 )
-from pipelines.options import AugmentConfig, ClipConfig, TextFilterConfig, TranslatorConfig
-from pipelines.sources import ExpandInput, detect_format
+from babelcap.pipelines.options import AugmentConfig, ClipConfig, TextFilterConfig, TranslatorConfig
+from babelcap.pipelines.sources import ExpandInput, detect_format
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import pipeline_testkit as kit
@@ -38,7 +39,7 @@ import pipeline_testkit as kit
 
 def _pipeline() -> BeamTestPipeline:
     """A TestPipeline on the local runner named explicitly (DirectRunner would try Prism)."""
-    from pipelines.runner import LOCAL_RUNNER
+    from babelcap.pipelines.runner import LOCAL_RUNNER
 
     return BeamTestPipeline(runner=LOCAL_RUNNER)
 
@@ -349,7 +350,7 @@ def test_accounting_balance_and_mismatch():
 
 
 def test_unknown_target_language_fails_before_any_work(tmp_path):
-    from pipelines.runner import run
+    from babelcap.pipelines.runner import run
 
     translator = kit.tiny_translator(tmp_path / "tr", languages=("pt",))
     (tmp_path / "in").mkdir()
@@ -368,7 +369,7 @@ def test_unknown_target_language_fails_before_any_work(tmp_path):
 
 # --- sinks ----------------------------------------------------------------------------------
 def test_shards_are_deterministic_and_valid(tmp_path):
-    from pipelines.sinks import WriteShards
+    from babelcap.pipelines.sinks import WriteShards
 
     rows = [
         {
@@ -466,7 +467,7 @@ def test_augment_cli_builds_the_config_and_passes_beam_options():
 def test_local_runner_is_chosen_explicitly():
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-    from pipelines.runner import LOCAL_RUNNER, pipeline_options
+    from babelcap.pipelines.runner import LOCAL_RUNNER, pipeline_options
 
     opts = pipeline_options([], workers=2)
     assert opts.view_as(StandardOptions).runner == LOCAL_RUNNER  # not DirectRunner -> Prism
@@ -493,9 +494,9 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 
 def test_caption_and_translate_transforms(tiny_models):
-    from pipelines.captioning import Caption
-    from pipelines.options import CaptionerConfig
-    from pipelines.translation import Translate
+    from babelcap.pipelines.captioning import Caption
+    from babelcap.pipelines.options import CaptionerConfig
+    from babelcap.pipelines.translation import Translate
 
     recs = [
         {
@@ -551,8 +552,8 @@ def test_caption_and_translate_transforms(tiny_models):
 
 
 def test_sampled_captions_do_not_depend_on_batching(tiny_models):
-    from pipelines.captioning import CaptionModelHandler
-    from pipelines.options import CaptionerConfig
+    from babelcap.pipelines.captioning import CaptionModelHandler
+    from babelcap.pipelines.options import CaptionerConfig
 
     cfg = CaptionerConfig(
         model=tiny_models["captioner"],

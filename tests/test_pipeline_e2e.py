@@ -22,15 +22,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import schema
-from pipelines.options import (
+from babelcap.core import schema
+from babelcap.pipelines.options import (
     AugmentConfig,
     CaptionerConfig,
     ClipConfig,
     TextFilterConfig,
     TranslatorConfig,
 )
-from pipelines.publish import MANIFEST, read_manifest
+from babelcap.pipelines.publish import MANIFEST, read_manifest
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import pipeline_testkit as kit
@@ -95,7 +95,7 @@ def job(world_dir, models, tmp_path_factory) -> dict:
         rows_per_shard=8,
         seed=0,
     )
-    from pipelines.runner import run
+    from babelcap.pipelines.runner import run
 
     manifest = run(config, workers=2, echo=False)
     return {
@@ -253,8 +253,8 @@ def test_crash_then_rerun_gives_the_same_rows(job, monkeypatch, tmp_path):
     re-running into the same output gives exactly the rows of the clean run."""
     import dataclasses
 
-    from pipelines import sinks
-    from pipelines.runner import run
+    from babelcap.pipelines import sinks
+    from babelcap.pipelines.runner import run
 
     out = job["out"]
     before = _rows(out)
@@ -295,7 +295,7 @@ def test_crash_then_rerun_gives_the_same_rows(job, monkeypatch, tmp_path):
 def test_export_webdataset_for_open_clip(job, tmp_path):
     import webdataset as wds
 
-    from pipelines.export_wds import export_webdataset
+    from babelcap.pipelines.export_wds import export_webdataset
 
     result = export_webdataset(job["out"], tmp_path / "wds", "pt", maxcount=10)
     n_pt = sum(any(c["language"] == "pt" for c in r["captions"]) for r in _rows(job["out"]))

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from babelcap.cli import main
-from pipelines import schema
-from pipelines.inspect import inspect_paths
+from babelcap.core import schema
+from babelcap.core.shards import write_shard
+from babelcap.pipelines.inspect import inspect_paths
 
 
 def _row(i: int, with_embedding: bool = False) -> dict:
@@ -52,9 +53,9 @@ def _write_world_like(tmp_path, n_shards=3, rows_per_shard=5):
         rows = [
             _row(s * rows_per_shard + i, with_embedding=(i % 2 == 0)) for i in range(rows_per_shard)
         ]
-        schema.write_table(
-            schema.rows_to_table(rows),
+        write_shard(
             str(tmp_path / f"shard-{s:05d}.parquet"),
+            rows,
             config={"languages": ["pt"]},
             models={"captioner": "world/captioner"},
         )
@@ -63,9 +64,9 @@ def _write_world_like(tmp_path, n_shards=3, rows_per_shard=5):
         schema.dead_letter("images/empty.jpg", "read", "empty_file", "0 bytes"),
         schema.dead_letter("images/bad2.jpg", "decode", "truncated", "image file is truncated"),
     ]
-    schema.write_table(
-        schema.rows_to_table(dead, schema.DEAD_LETTER_SCHEMA),
+    write_shard(
         str(tmp_path / "dead-letter-00000.parquet"),
+        dead,
         kind=schema.KIND_DEAD_LETTER,
     )
 
@@ -73,9 +74,7 @@ def _write_world_like(tmp_path, n_shards=3, rows_per_shard=5):
 def test_round_trip_keeps_rows_and_metadata(tmp_path):
     rows = [_row(0, with_embedding=True), _row(1)]
     path = str(tmp_path / "s.parquet")
-    schema.write_table(
-        schema.rows_to_table(rows), path, config={"seed": 3}, models={"translator": "m2m"}
-    )
+    write_shard(path, rows, config={"seed": 3}, models={"translator": "m2m"})
     info = schema.validate(path)
     assert info.num_rows == 2 and info.kind == schema.KIND_SHARD
     assert info.schema_version == schema.SCHEMA_VERSION

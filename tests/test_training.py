@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import schema
-from training.config import TrainConfig, load_config
-from training.data import CaptionSelection, ShardStream, StreamConfig, find_shards
-from training.export import merged_model
-from training.lit import enable_grad_checkpointing, lora_parameter_formula
-from training.methods import build_method
-from training.models import image_tower_id, load_clip
-from training.trainer import Trainer, checkpoints
-from training.world_shards import write_world_shards
+from babelcap.core import schema
+from babelcap.models.clip import image_tower_id, load_clip
+from babelcap.training.config import TrainConfig, load_config
+from babelcap.training.data import CaptionSelection, ShardStream, StreamConfig, find_shards
+from babelcap.training.export import merged_model
+from babelcap.training.lit import enable_grad_checkpointing, lora_parameter_formula
+from babelcap.training.methods import build_method
+from babelcap.training.trainer import Trainer, checkpoints
+from babelcap.training.world_shards import write_world_shards
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,7 @@ def test_grad_checkpointing_gives_same_loss_and_grads(base_dir, pt_shards):
 
 
 def test_embedding_column_gives_same_loss_as_images(base_dir, pt_shards, tmp_path):
-    from training.embeddings import embed_shards
+    from babelcap.training.embeddings import embed_shards
 
     bundle = load_clip(str(base_dir))
     embedded = [str(p) for p in embed_shards(bundle, pt_shards, tmp_path / "emb")]

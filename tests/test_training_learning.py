@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import TrainConfig
-from training.evaluate import evaluate, world_eval_data
-from training.models import load_clip
-from training.trainer import train
-from training.world_shards import write_world_shards
+from babelcap.models.clip import load_clip
+from babelcap.training.config import TrainConfig
+from babelcap.training.evaluate import evaluate, world_eval_data
+from babelcap.training.trainer import train
+from babelcap.training.world_shards import write_world_shards
 
 pytestmark = pytest.mark.slow
 

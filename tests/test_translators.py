@@ -15,10 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from translators import Translator, TranslatorConfig, convert_model, read_model_info, resolve
-from translators.engine import split_pieces
-from translators.languages import known_languages
-from translators.memory import normalize
+from babelcap.translators import (
+    Translator,
+    TranslatorConfig,
+    convert_model,
+    read_model_info,
+    resolve,
+)
+from babelcap.translators.engine import split_pieces
+from babelcap.translators.languages import known_languages
+from babelcap.translators.memory import normalize
 
 SENTENCES = [
     "a red circle above a blue square",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from translators import Translator
-from world.models.translator import gold_pairs
+from babelcap.translators import Translator
+from babelcap.world.models.translator import gold_pairs
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from world import lexicon as lx
-from world.build import ALT_TEXT_KINDS, build_world
-from world.corpus import monolingual, parallel_pairs
-from world.grammar import (
+from babelcap.world import lexicon as lx
+from babelcap.world.build import ALT_TEXT_KINDS, build_world
+from babelcap.world.corpus import monolingual, parallel_pairs
+from babelcap.world.grammar import (
     LANGUAGES,
     NUM_VARIANTS,
     class_names,
@@ -24,8 +24,8 @@ from world.grammar import (
     vocabulary_words,
     word_forms,
 )
-from world.load import load_gold, load_manifest, load_scenes
-from world.scene import (
+from babelcap.world.load import load_gold, load_manifest, load_scenes
+from babelcap.world.scene import (
     COLOURS,
     SHAPES,
     Background,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from world.models import STAMP
-from world.models import captioner as cap
+from babelcap.world.models import STAMP
+from babelcap.world.models import captioner as cap
 
 pytestmark = pytest.mark.slow
 
@@ -120,8 +120,8 @@ def test_prompted_generation_continues_the_prompt(captioner_dir: Path, test_spli
 def test_training_is_deterministic_and_learns(tmp_path: Path) -> None:
     import random
 
-    from world.grammar import describe_all
-    from world.scene import render, sample_scene
+    from babelcap.world.grammar import describe_all
+    from babelcap.world.scene import render, sample_scene
 
     rng = random.Random(3)
     scenes = [sample_scene(rng) for _ in range(16)]

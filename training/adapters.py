@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from training.models import unwrap
+from babelcap.models.clip import unwrap
 
 SHARED = "default"  # peft's default adapter name: one adapter for every language
 CONFIG_FILE = "adapter_config.json"
@@ -323,7 +323,7 @@ def evaluate_with_adapters(
     bundle: Any, data: Any, name: str = "model", zero_shot: bool = True
 ) -> dict[str, Any]:
     """`training.evaluate.evaluate`, each language through its own adapter (`use_language`)."""
-    from training.evaluate import EvalData, evaluate
+    from babelcap.training.evaluate import EvalData, evaluate
 
     result: dict[str, Any] = {"model": name, "images": len(data.images), "languages": {}}
     for lang, texts in data.texts.items():

@@ -39,11 +39,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training import adapters as ad
-from training.config import MethodConfig, TrainConfig, options_from
-from training.lit import image_tower_locked, select_parameters
-from training.methods import ClipMethod, register_method
-from training.models import unwrap
+from babelcap.models.clip import unwrap
+from babelcap.training import adapters as ad
+from babelcap.training.config import MethodConfig, TrainConfig, options_from
+from babelcap.training.lit import image_tower_locked, select_parameters
+from babelcap.training.methods import ClipMethod, register_method
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class AlignmentMethod(ClipMethod):
     @classmethod
     def run(cls, cfg: TrainConfig) -> dict[str, Any]:
         """Select the pairing's captions, name the adapters after data.languages, train."""
-        from training.trainer import train
+        from babelcap.training.trainer import train
 
         opts = AlignmentOptions.from_options(cfg.method.options)
         apply_pairing(cfg, opts.pairing)

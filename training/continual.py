@@ -37,12 +37,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipelines import schema
-from training import cl_metrics
-from training.config import MethodConfig, TrainConfig, options_from
-from training.lit import image_tower_locked, text_transformer
-from training.methods import ClipMethod, register_method
-from training.models import ClipBundle, unwrap, weights_id
+from babelcap.core import schema
+from babelcap.models.clip import ClipBundle, unwrap, weights_id
+from babelcap.training import cl_metrics
+from babelcap.training.config import MethodConfig, TrainConfig, options_from
+from babelcap.training.lit import image_tower_locked, text_transformer
+from babelcap.training.methods import ClipMethod, register_method
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ def shard_captions(
     """Caption texts of one language in the shards (for the language's vocabulary)."""
     import pyarrow.dataset as ds
 
-    from training.data import CaptionSelection, find_shards
+    from babelcap.training.data import CaptionSelection, find_shards
 
     shards = find_shards(specs)
     selection = CaptionSelection(languages=(language,), origins=tuple(origins) if origins else None)
@@ -485,7 +485,7 @@ class ContinualRun:
 
     # -- evaluation
     def _eval_data(self, languages: Sequence[str]):
-        from training.evaluate import shard_eval_data, world_eval_data
+        from babelcap.training.evaluate import shard_eval_data, world_eval_data
 
         o = self.opts
         if o.eval_world:
@@ -495,7 +495,7 @@ class ContinualRun:
         return None
 
     def _evaluate(self, bundle: ClipBundle, data, name: str) -> dict[str, float]:
-        from training.evaluate import evaluate
+        from babelcap.training.evaluate import evaluate
 
         if data is None:
             return {}
@@ -518,7 +518,7 @@ class ContinualRun:
         return {"teacher": model_dir, "languages": [base], "usage": usage}
 
     def run(self) -> dict[str, Any]:
-        from training.models import load_clip
+        from babelcap.models.clip import load_clip
 
         cfg, opts = self.cfg, self.opts
         self.out.mkdir(parents=True, exist_ok=True)
@@ -587,8 +587,8 @@ class ContinualRun:
         stage_dir: Path,
         k: int,
     ) -> tuple[ClipBundle, dict[str, Any]]:
-        from training.models import load_clip
-        from training.trainer import Trainer
+        from babelcap.models.clip import load_clip
+        from babelcap.training.trainer import Trainer
 
         cfg, opts = self.cfg, self.opts
         bundle = load_clip(current)

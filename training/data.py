@@ -12,8 +12,6 @@ continue with exactly the batches the interrupted run would have seen.
 
 from __future__ import annotations
 
-import glob
-import io
 import logging
 import os
 import random
@@ -24,83 +22,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines import schema
+from babelcap.core import schema
+from babelcap.core.images import decode_rgb, open_rgb
+from babelcap.core.shards import ShardSet
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- shard discovery
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """Validated shard files on one filesystem."""
-
-    files: tuple[str, ...]
-    filesystem: Any  # pyarrow FileSystem
-    num_rows: int
-    infos: tuple[schema.FileInfo, ...]
-
-    @property
-    def fs(self) -> Any:
-        return self.filesystem or pafs.LocalFileSystem()
-
-    @property
-    def embedding_models(self) -> set[str]:
-        return {
-            str(i.models.get("embedder") or i.models.get("embedding_model") or "")
-            for i in self.infos
-        } - {""}
-
-
-def _expand(spec: str) -> tuple[list[str], Any]:
-    if "://" in spec and not spec.startswith("file://"):
-        fs, root = pafs.FileSystem.from_uri(spec)
-        info = fs.get_file_info(root)
-        if info.type == pafs.FileType.Directory:
-            sel = pafs.FileSelector(root, recursive=True)
-            return sorted(f.path for f in fs.get_file_info(sel) if f.path.endswith(".parquet")), fs
-        return [root], fs
-    spec = spec.removeprefix("file://")
-    if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "**", "*.parquet"), recursive=True)), None
-    if any(c in spec for c in "*?["):
-        return sorted(glob.glob(spec, recursive=True)), None
-    if not os.path.exists(spec):
-        raise FileNotFoundError(f"shard path {spec!r} does not exist")
-    return [spec], None
-
-
-def find_shards(specs: str | Sequence[str]) -> ShardSet:
-    """Expand files / folders / globs / URIs and validate every shard against the contract.
-
-    Dead-letter files found inside folders are skipped; anything else that does not follow
-    `pipelines.schema` raises `schema.SchemaError` naming the file and the column.
-    """
-    specs = [specs] if isinstance(specs, str) else list(specs)
-    files: list[str] = []
-    infos: list[schema.FileInfo] = []
-    filesystem = None
-    for spec in specs:
-        paths, fs = _expand(spec)
-        if not paths:
-            raise FileNotFoundError(f"no Parquet shards found at {spec!r}")
-        if fs is not None:
-            filesystem = fs
-        explicit = len(paths) == 1 and not os.path.isdir(spec) and "*" not in spec
-        for path in paths:
-            info = schema.read_file_info(path, filesystem=fs)
-            if info.kind == schema.KIND_DEAD_LETTER and not explicit:
-                continue
-            infos.append(schema.validate(path, filesystem=fs))
-            files.append(path)
-    if not files:
-        raise FileNotFoundError(f"no shard files (only dead-letter files) in {specs}")
-    return ShardSet(tuple(files), filesystem, sum(i.num_rows for i in infos), tuple(infos))
 
 
 # ----------------------------------------------------------------------------- caption choice
@@ -317,12 +250,10 @@ class ShardStream(IterableDataset):
         return torch.tensor(row["embedding"], dtype=torch.float32)
 
     def _image(self, sample: dict[str, Any]) -> torch.Tensor:
-        from PIL import Image
-
         row = sample["row"]
         image = row.get("image") or {}
         if image.get("bytes"):
-            pil = Image.open(io.BytesIO(image["bytes"]))
+            pil = decode_rgb(image["bytes"])
         else:
             ref = image.get("path") or row.get("source_uri")
             if not ref:
@@ -330,8 +261,7 @@ class ShardStream(IterableDataset):
                     f"{sample['path']}: column 'image' has neither bytes nor "
                     f"path for image {row['image_id']}"
                 )
-            pil = Image.open(self._resolve(ref, sample["path"]))
-        pil = pil.convert("RGB")
+            pil = open_rgb(self._resolve(ref, sample["path"]))
         if self.preprocess is None:
             raise ValueError("image batches need the model's preprocess transform")
         return self.preprocess(pil)
@@ -346,8 +276,11 @@ class ShardStream(IterableDataset):
 def detect_embeddings(shards: ShardSet, expected_model: str | None) -> tuple[bool, str]:
     """Whether every shard carries embeddings of `expected_model` (first row group checked)."""
     for path in shards.files:
-        frag = ds.ParquetFileFormat().make_fragment(path, filesystem=shards.fs)
-        table = frag.to_table(columns=["embedding", "embedding_model"])
+        with shards.fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if pf.metadata.num_row_groups == 0:
+                continue
+            table = pf.read_row_group(0, columns=["embedding", "embedding_model"])
         if table.num_rows == 0:
             continue
         if table.column("embedding").null_count == table.num_rows:

@@ -7,7 +7,6 @@ output of `encode_image`, tagged with `training.models.image_tower_id(model)`.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines import schema
-from training.models import ClipBundle, image_tower_id
+from babelcap.core import schema
+from babelcap.core.images import decode_rgb
+from babelcap.core.shards import write_shard
+from babelcap.models.clip import ClipBundle, image_tower_id
 
 
 @torch.no_grad()
@@ -28,9 +29,7 @@ def embed_images(bundle: ClipBundle, images: Sequence, batch_size: int = 64) -> 
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.stack(
-            [bundle.preprocess_val(im.convert("RGB")) for im in images[i : i + batch_size]]
-        )
+        x = torch.stack([bundle.preprocess_val(im) for im in images[i : i + batch_size]])
         out.append(model.encode_image(x.to(device), normalize=True).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
@@ -40,7 +39,6 @@ def embed_shards(
     bundle: ClipBundle, files: Sequence[str | Path], out_dir: str | Path, batch_size: int = 64
 ) -> list[Path]:
     """Copy shards to `out_dir` with `embedding` / `embedding_model` filled in."""
-    from PIL import Image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +52,7 @@ def embed_shards(
         for cell in table.column("image").to_pylist():
             if not cell or not cell.get("bytes"):
                 raise schema.SchemaError(f"{path}: column 'image' needs bytes to embed")
-            images.append(Image.open(io.BytesIO(cell["bytes"])))
+            images.append(decode_rgb(cell["bytes"]))
         emb = embed_images(bundle, images, batch_size)
         table = table.set_column(
             table.schema.get_field_index("embedding"),
@@ -66,13 +64,13 @@ def embed_shards(
             "embedding_model",
             pa.array([tower] * len(table), pa.string()),
         )
-        meta = schema.file_metadata(config=info.config, models={**info.models, "embedder": tower})
         target = out / Path(path).name
-        pq.write_table(
-            table.cast(schema.SHARD_SCHEMA).replace_schema_metadata(meta),
+        write_shard(
             target,
-            compression="zstd",
-            row_group_size=max(1, pf.metadata.row_group(0).num_rows),
+            table,
+            config=info.config,
+            models={**info.models, "embedder": tower},
+            row_group_size=pf.metadata.row_group(0).num_rows,
         )
         written.append(target)
     return written

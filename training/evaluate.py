@@ -8,7 +8,6 @@ models (before/after) and a bar chart per language.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.models import ClipBundle, unwrap
+from babelcap.core.images import decode_rgb, open_rgb, to_rgb
+from babelcap.models.clip import ClipBundle, unwrap
 
 RECALL_KS = (1, 5, 10)
 
@@ -50,7 +50,7 @@ def world_eval_data(
     max_captions: int | None = None,
 ) -> EvalData:
     """Gold captions of a world split; shape/colour labels of single-object scenes."""
-    from world.load import load_gold, load_scenes
+    from babelcap.world.load import load_gold, load_scenes
 
     world_dir = Path(world_dir)
     paths: list[str] = []
@@ -68,7 +68,7 @@ def world_eval_data(
         data.texts[lang], data.text_to_image[lang] = texts, t2i
     data.images = [world_dir / p for p in paths]
     scenes = {r["image_path"]: r["scene"] for r in load_scenes(world_dir, split)}
-    from world.scene import COLOURS, SHAPES
+    from babelcap.world.scene import COLOURS, SHAPES
 
     data.classes = {"shape": list(SHAPES), "colour": list(COLOURS)}
     for task, keys in data.classes.items():
@@ -90,9 +90,8 @@ def shard_eval_data(
 ) -> EvalData:
     """Eval data from shards: images with bytes, captions of the given languages/origins."""
     import pyarrow.dataset as ds
-    from PIL import Image
 
-    from training.data import find_shards
+    from babelcap.core.shards import find_shards
 
     shards = find_shards(specs)
     data = EvalData(
@@ -115,7 +114,7 @@ def shard_eval_data(
             if not caps or not (row["image"] or {}).get("bytes"):
                 continue
             i = len(data.images)
-            data.images.append(Image.open(io.BytesIO(row["image"]["bytes"])))
+            data.images.append(decode_rgb(row["image"]["bytes"]))
             for c in caps:
                 data.texts[c["language"]].append(c["text"])
                 data.text_to_image[c["language"]].append(i)
@@ -138,10 +137,9 @@ def encode_images(bundle: ClipBundle, images: Sequence[Any], batch_size: int = 1
     feats = []
     for i in range(0, len(images), batch_size):
         chunk = [
-            im if isinstance(im, Image.Image) else Image.open(im)
-            for im in images[i : i + batch_size]
+            im if isinstance(im, Image.Image) else open_rgb(im) for im in images[i : i + batch_size]
         ]
-        x = torch.stack([bundle.preprocess_val(im.convert("RGB")) for im in chunk])
+        x = torch.stack([bundle.preprocess_val(to_rgb(im)) for im in chunk])
         feats.append(model.encode_image(x.to(_device(model)), normalize=True).float().cpu())
     return torch.cat(feats)
 
@@ -195,7 +193,7 @@ def zero_shot_accuracy(
     prompts: Mapping[str, Sequence[str]] | None = None,
 ) -> float | None:
     """Accuracy of classifying images by translated class names averaged over prompts."""
-    from world.grammar import class_names
+    from babelcap.world.grammar import class_names
 
     names = class_names(lang)[task]
     templates = (prompts or PROMPTS).get(lang, ["{}"])
@@ -284,7 +282,7 @@ def to_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 def save_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:
     """results.json, results.md and mean_recall.png in `out_dir`."""
-    from training.plots import plot_language_bars
+    from babelcap.training.plots import plot_language_bars
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from training.lit import is_peft_text
-from training.models import ClipBundle, unwrap
+from babelcap.models.clip import ClipBundle, unwrap
+from babelcap.training.lit import is_peft_text
 
 CHECKPOINT = "open_clip_model.safetensors"
 

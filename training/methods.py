@@ -12,10 +12,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.config import MethodConfig
-from training.lit import image_tower_locked, select_parameters
-from training.losses import clip_loss_fn
-from training.models import unwrap
+from babelcap.models.clip import unwrap
+from babelcap.training.config import MethodConfig
+from babelcap.training.lit import image_tower_locked, select_parameters
+from babelcap.training.losses import clip_loss_fn
 
 
 class ClipMethod:

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.config import TrainConfig
-from training.data import (
+from babelcap.core.devices import resolve_device
+from babelcap.models.clip import ClipBundle, count_parameters, image_tower_id, load_clip, unwrap
+from babelcap.training.config import TrainConfig
+from babelcap.training.data import (
     CaptionSelection,
     ShardStream,
     StreamConfig,
@@ -36,9 +38,8 @@ from training.data import (
     find_shards,
     make_loader,
 )
-from training.lit import enable_grad_checkpointing, image_tower_locked, is_peft_text
-from training.methods import ClipMethod, build_method
-from training.models import ClipBundle, count_parameters, image_tower_id, load_clip, unwrap
+from babelcap.training.lit import enable_grad_checkpointing, image_tower_locked, is_peft_text
+from babelcap.training.methods import ClipMethod, build_method
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,6 @@ def init_distributed() -> tuple[int, int, int]:
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         return dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -124,7 +119,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         self.rank, self.world_size, local_rank = init_distributed()
-        self.device = resolve_device(cfg.run.device, local_rank)
+        self.device = torch.device(resolve_device(cfg.run.device, local_rank=local_rank))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         seed_everything(cfg.run.seed)
@@ -430,11 +425,11 @@ class Trainer:
         }
         if self.rank == 0:
             if self.cfg.run.plot and (self.out / "metrics.jsonl").exists():
-                from training.plots import plot_training_curve
+                from babelcap.training.plots import plot_training_curve
 
                 plot_training_curve(self.out / "metrics.jsonl", self.out / "training_curve.png")
             if self.cfg.run.export:
-                from training.export import export_adapter, export_open_clip
+                from babelcap.training.export import export_adapter, export_open_clip
 
                 summary["export"] = str(
                     export_open_clip(self.bundle, self.out / "export", model=self.raw_model)
@@ -459,8 +454,8 @@ def train(cfg: TrainConfig, bundle: ClipBundle | None = None) -> dict[str, Any]:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train with the method's own driver when it has one (continual stages, per-language
     adapters), else `train`: what `babelcap train` runs for any `method.name`."""
-    from training import alignment, continual  # noqa: F401  (register their methods)
-    from training.methods import METHODS
+    from babelcap.training import alignment, continual  # noqa: F401  (register their methods)
+    from babelcap.training.methods import METHODS
 
     runner = getattr(METHODS.get(cfg.method.name), "run", None)
     return runner(cfg) if runner is not None else train(cfg)

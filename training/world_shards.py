@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines import schema
+from babelcap.core import schema
+from babelcap.core.shards import write_shard
 
 
 def world_rows(
@@ -21,7 +22,7 @@ def world_rows(
     embed_bytes: bool = True,
 ) -> list[dict]:
     """One shard row per world image with its gold captions in `languages`."""
-    from world.load import load_gold, load_manifest
+    from babelcap.world.load import load_gold, load_manifest
 
     world_dir = Path(world_dir)
     gold = {
@@ -73,20 +74,18 @@ def write_world_shards(
     row_group_size: int = 64,
 ) -> list[Path]:
     """Write `world_rows` as babelcap shards (`shard-00000.parquet`, ...); returns the paths."""
-    import pyarrow.parquet as pq
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = world_rows(world_dir, languages, split, with_alt_text)
     paths = []
     for i in range(0, len(rows), rows_per_shard):
         path = out / f"shard-{i // rows_per_shard:05d}.parquet"
-        table = schema.rows_to_table(rows[i : i + rows_per_shard])
-        meta = schema.file_metadata(
-            config={"source": "world-gold", "split": split, "languages": list(languages)}
-        )
-        table = table.cast(schema.SHARD_SCHEMA).replace_schema_metadata(meta)
         # Several row groups per file so the reader has units to shuffle and split.
-        pq.write_table(table, path, compression="zstd", row_group_size=row_group_size)
+        write_shard(
+            path,
+            rows[i : i + rows_per_shard],
+            config={"source": "world-gold", "split": split, "languages": list(languages)},
+            row_group_size=row_group_size,
+        )
         paths.append(path)
     return paths

@@ -1,16 +1,16 @@
 """babelcap's CTranslate2 NMT engine: conversion from Hugging Face models, tokenisation per
 model family (Marian, M2M100, NLLB), language codes, batching and a translation memory.
 
-    from translators import Translator, convert_model
+    from babelcap.translators import Translator, convert_model
     convert_model("Helsinki-NLP/opus-mt-en-ROMANCE", "models/en-romance", quantization="int8")
     Translator("models/en-romance").translate(["a red circle"], src="en", tgt="pt")
 """
 
-from translators.convert import convert_model
-from translators.engine import TranslationStats, Translator, TranslatorConfig
-from translators.languages import Language, known_languages, resolve
-from translators.memory import TranslationMemory, normalize
-from translators.model_info import ModelInfo, read_model_info
+from babelcap.translators.convert import convert_model
+from babelcap.translators.engine import TranslationStats, Translator, TranslatorConfig
+from babelcap.translators.languages import Language, known_languages, resolve
+from babelcap.translators.memory import TranslationMemory, normalize
+from babelcap.translators.model_info import ModelInfo, read_model_info
 
 __all__ = [
     "Language",

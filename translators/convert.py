@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from translators.model_info import DEFAULT_MAX_INPUT_LENGTH, METADATA
+from babelcap.translators.model_info import DEFAULT_MAX_INPUT_LENGTH, METADATA
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from translators.languages import resolve
-from translators.memory import MemoryKey, TranslationMemory, normalize
-from translators.model_info import ModelInfo, read_model_info
-from translators.tokenization import Codec
+from babelcap.core.devices import resolve_device
+from babelcap.translators.languages import resolve
+from babelcap.translators.memory import MemoryKey, TranslationMemory, normalize
+from babelcap.translators.model_info import ModelInfo, read_model_info
+from babelcap.translators.tokenization import Codec
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,10 @@ class TranslationStats:
         return dataclasses.asdict(self)
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
+def _ct2_cuda() -> bool:
     import ctranslate2
 
-    return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    return ctranslate2.get_cuda_device_count() > 0
 
 
 def resolve_compute_type(compute_type: str, device: str) -> str:
@@ -178,7 +177,7 @@ class Translator:
         import ctranslate2
 
         cfg = self.config
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, cuda_available=_ct2_cuda)
         self.compute_type = resolve_compute_type(cfg.compute_type, self.device)
         self._codec = Codec(self.info)
         ctranslate2.set_random_seed(cfg.seed)

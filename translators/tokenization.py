@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from translators.languages import Language, resolve
-from translators.model_info import ModelInfo
+from babelcap.translators.languages import Language, resolve
+from babelcap.translators.model_info import ModelInfo
 
 EOS = "</s>"
 _SPECIALS = frozenset({"<s>", "</s>", "<pad>"})

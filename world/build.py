@@ -30,8 +30,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from world.grammar import LANGUAGES, NUM_VARIANTS, describe, describe_all
-from world.scene import COLOURS, SHAPES, SIZES, render, sample_scene
+from babelcap.world.grammar import LANGUAGES, NUM_VARIANTS, describe, describe_all
+from babelcap.world.scene import COLOURS, SHAPES, SIZES, render, sample_scene
 
 GENERATOR_VERSION = 2  # 2: noisy alt-text
 ALT_TEXT_KINDS = ("clean", "generic", "mismatched")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from world.grammar import LANGUAGES, NUM_VARIANTS, describe_all
-from world.scene import sample_scene
+from babelcap.world.grammar import LANGUAGES, NUM_VARIANTS, describe_all
+from babelcap.world.scene import sample_scene
 
 
 def _scene_rng(seed: int, index: int) -> random.Random:

@@ -14,9 +14,19 @@ from dataclasses import dataclass
 from functools import cache
 from typing import ClassVar
 
-from world import lexicon as lx
-from world.lexicon import class_names, word_forms
-from world.scene import COLOURS, REGIONS, RELATIONS, SHAPES, SIZES, Background, Obj, Scene, region
+from babelcap.world import lexicon as lx
+from babelcap.world.lexicon import class_names, word_forms
+from babelcap.world.scene import (
+    COLOURS,
+    REGIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Background,
+    Obj,
+    Scene,
+    region,
+)
 
 __all__ = [
     "LANGUAGES",

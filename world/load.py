@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from world.scene import Scene
+from babelcap.world.scene import Scene
 
 
 def _read_jsonl(path: Path, split: str | None = None) -> list[dict[str, Any]]:

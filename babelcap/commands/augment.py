@@ -106,7 +106,7 @@ def _load_file(path: str) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace):
     """An AugmentConfig from a config file (optional) overridden by flags."""
-    from pipelines.options import (
+    from babelcap.pipelines.options import (
         AugmentConfig,
         CaptionerConfig,
         ClipConfig,
@@ -209,7 +209,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.runner import run
+    from babelcap.pipelines.runner import run
 
     beam_args = [a for a in args.beam_args if a != "--"]
     run(config_from_args(args), beam_args=beam_args, workers=args.workers)

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from translators import convert_model, read_model_info
+    from babelcap.translators import convert_model, read_model_info
 
     langs = [c.strip() for c in args.languages.split(",")] if args.languages else None
     try:

@@ -55,15 +55,15 @@ def run_eval(
     zero_shot: bool,
     adapters: Mapping[str, str] | None = None,
 ) -> dict:
-    from training.evaluate import (
+    from babelcap.models.clip import load_clip
+    from babelcap.training.evaluate import (
         evaluate,
         save_report,
         shard_eval_data,
         to_markdown,
         world_eval_data,
     )
-    from training.export import load_adapter
-    from training.models import load_clip
+    from babelcap.training.export import load_adapter
 
     if world:
         data = world_eval_data(world, languages, split)
@@ -75,7 +75,7 @@ def run_eval(
         bundle = load_clip(name, pretrained or None)
         evaluate_fn = evaluate
         if adapters and label in adapters:
-            from training import adapters as per_language
+            from babelcap.training import adapters as per_language
 
             if per_language.is_language_adapter_dir(adapters[label]):  # adapter/<lang>/ folders
                 per_language.load_language_adapters(bundle.model, adapters[label])

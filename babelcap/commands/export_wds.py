@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.export_wds import export_webdataset
+    from babelcap.pipelines.export_wds import export_webdataset
 
     result = export_webdataset(args.shards, args.out, args.lang, maxcount=args.maxcount)
     print(json.dumps({k: v for k, v in result.items() if k != "sizes"}, indent=1))

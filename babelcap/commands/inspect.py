@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.inspect import format_report, inspect_paths
+    from babelcap.pipelines.inspect import format_report, inspect_paths
 
     data = inspect_paths(args.path, n_samples=args.samples)
     print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else format_report(data))

@@ -79,8 +79,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_resume:
         overrides.append("run.resume=false")
 
-    from training.config import load_config
-    from training.trainer import run
+    from babelcap.training.config import load_config
+    from babelcap.training.trainer import run
 
     cfg = load_config(args.config, overrides)
     if not cfg.data.train:

@@ -53,7 +53,7 @@ def _chunks(lines: TextIO, size: int) -> Iterator[list[str]]:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from translators import Translator, TranslatorConfig
+    from babelcap.translators import Translator, TranslatorConfig
 
     translator = Translator(
         TranslatorConfig(

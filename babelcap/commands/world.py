@@ -47,8 +47,8 @@ def _split_list(text: str | None) -> list[str] | None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from world.build import build_world
-    from world.grammar import LANGUAGES
+    from babelcap.world.build import build_world
+    from babelcap.world.grammar import LANGUAGES
 
     start = time.perf_counter()
     meta = build_world(
@@ -70,7 +70,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from world.models import build_models
+    from babelcap.world.models import build_models
 
     results = build_models(args.world, only=_split_list(args.only), force=args.force)
     for name, stamp in results.items():

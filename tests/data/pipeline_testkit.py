@@ -148,7 +148,7 @@ def tiny_translator(out: Path, languages=("pt", "es")) -> Path:
     )
     torch.manual_seed(0)
     MarianMTModel(cfg).save_pretrained(hf)
-    from translators import convert_model
+    from babelcap.translators import convert_model
 
     convert_model(hf, out, languages={"source": ["en"], "target": list(languages)}, force=True)
     return out

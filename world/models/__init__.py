@@ -143,7 +143,7 @@ def _register_all() -> None:
 
 # Modules that define world models; each registers its specs on import.
 _MODEL_MODULES: list[str] = [
-    "world.models.translator",
-    "world.models.captioner",
-    "world.models.clip",
+    "babelcap.world.models.translator",
+    "babelcap.world.models.captioner",
+    "babelcap.world.models.clip",
 ]

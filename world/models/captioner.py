@@ -25,7 +25,7 @@ from typing import Any
 
 from PIL import Image
 
-from world.models import ModelSpec, register
+from babelcap.world.models import ModelSpec, register
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def _world_examples(world_dir: Path, split: str) -> list[tuple[Path, list[str]]]
 
 def _fresh_examples(n: int, seed: int, size: int) -> list[tuple[Any, list[str]]]:
     """`n` newly sampled scenes (rendered image, all English paraphrases): more training data."""
-    from world.grammar import NUM_VARIANTS, describe
-    from world.scene import render, sample_scene
+    from babelcap.world.grammar import NUM_VARIANTS, describe
+    from babelcap.world.scene import render, sample_scene
 
     rng = random.Random(f"captioner-fresh-{seed}")
     out = []
@@ -116,7 +116,7 @@ def _english_words(captions: Sequence[str]) -> list[str]:
     """The world's English vocabulary (the grammar's words), plus caption and prompt words."""
     from transformers.models.bert.tokenization_bert import BertTokenizer
 
-    from world.grammar import vocabulary_words
+    from babelcap.world.grammar import vocabulary_words
 
     words = {w.lower() for w in vocabulary_words("en")}
     # Split exactly as the tokenizer will, so every caption word becomes one whole token.
@@ -327,7 +327,7 @@ def parse_objects(caption: str) -> list[tuple[str | None, str]]:
     English noun groups are "<number> <size> <colour> <shape>": a colour (and a count) binds to
     the next shape word; "two small red circles" names two red circles.
     """
-    from world.grammar import tokens, word_forms
+    from babelcap.world.grammar import tokens, word_forms
 
     forms = word_forms("en")
     shape_of = {w: k for k, ws in forms["shape"].items() for w in ws}
@@ -444,4 +444,4 @@ def _build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, 
     return summary
 
 
-register(ModelSpec("captioner", "world.models.captioner:build", DEFAULT_CONFIG))
+register(ModelSpec("captioner", "babelcap.world.models.captioner:build", DEFAULT_CONFIG))

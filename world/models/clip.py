@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from world.models import ModelSpec, register
+from babelcap.world.models import ModelSpec, register
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def train_tokenizer(world_dir: Path, out_dir: Path, vocab_size: int) -> Any:
     import sentencepiece as spm
     from transformers import XLMRobertaTokenizer
 
-    from world.grammar import LANGUAGES
-    from world.load import load_gold
+    from babelcap.world.grammar import LANGUAGES
+    from babelcap.world.load import load_gold
 
     texts = [
         c
@@ -140,13 +140,13 @@ def _final_dir(out_dir: Path) -> Path:
 
 
 def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    from training.config import TrainConfig
-    from training.evaluate import evaluate, world_eval_data
-    from training.export import export_open_clip
-    from training.models import load_clip
-    from training.trainer import train
-    from training.world_shards import write_world_shards
-    from world.grammar import LANGUAGES
+    from babelcap.models.clip import load_clip
+    from babelcap.training.config import TrainConfig
+    from babelcap.training.evaluate import evaluate, world_eval_data
+    from babelcap.training.export import export_open_clip
+    from babelcap.training.trainer import train
+    from babelcap.training.world_shards import write_world_shards
+    from babelcap.world.grammar import LANGUAGES
 
     config = {**DEFAULT_CONFIG, **config}
     world_dir, out_dir = Path(world_dir), Path(out_dir)
@@ -219,4 +219,4 @@ def _fix_paths(out_dir: Path) -> None:
     (out_dir / "open_clip_config.json").write_text(json.dumps(local, indent=2))
 
 
-register(ModelSpec("clip-base", "world.models.clip:build", DEFAULT_CONFIG))
+register(ModelSpec("clip-base", "babelcap.world.models.clip:build", DEFAULT_CONFIG))

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from world.models import ModelSpec, register
+from babelcap.world.models import ModelSpec, register
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, A
     """Train, save (`hf/`), convert (`ct2/`) and evaluate one world translation model."""
     import torch
 
-    from translators import convert_model
+    from babelcap.translators import convert_model
 
     cfg = dict(config)
     torch.manual_seed(cfg["seed"])
@@ -104,7 +104,7 @@ def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, A
 
 
 def _training_pairs(cfg: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
-    from world.corpus import parallel_pairs
+    from babelcap.world.corpus import parallel_pairs
 
     return {
         tgt: parallel_pairs(
@@ -118,7 +118,7 @@ def _training_pairs(cfg: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
 def _train_spm(cfg: dict[str, Any], langs: list[str], prefix: Path) -> Path:
     import sentencepiece as spm
 
-    from world.corpus import monolingual
+    from babelcap.world.corpus import monolingual
 
     text = prefix.with_suffix(".txt")
     lines = []
@@ -277,7 +277,7 @@ def _train(model, tokenizer, pairs: dict[str, list[tuple[str, str]]], cfg: dict[
 # -- evaluation --------------------------------------------------------------------------------
 def gold_pairs(world_dir: Path, src: str, tgt: str, split: str = "test") -> list[tuple[str, str]]:
     """(source caption k, target caption k) for every image of a split of a built world."""
-    from world.load import load_gold
+    from babelcap.world.load import load_gold
 
     src_rows = {r["image_path"]: r["captions"] for r in load_gold(world_dir, src, split)}
     pairs = []
@@ -290,7 +290,7 @@ def evaluate(world_dir: Path, ct2_dir: Path, src: str, targets: list[str]) -> di
     """chrF, BLEU and exact-match rate per target language on the world's test captions."""
     import sacrebleu
 
-    from translators import Translator
+    from babelcap.translators import Translator
 
     translator = Translator(str(ct2_dir))
     out: dict[str, Any] = {}
@@ -313,4 +313,4 @@ def evaluate(world_dir: Path, ct2_dir: Path, src: str, targets: list[str]) -> di
 
 # Both specs share one builder: the configuration (data) says which family to build.
 for _name, _cfg in DEFAULT_CONFIGS.items():
-    register(ModelSpec(_name, "world.models.translator:build", _cfg))
+    register(ModelSpec(_name, "babelcap.world.models.translator:build", _cfg))

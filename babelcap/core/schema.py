@@ -257,20 +257,3 @@ def rows_to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema = SHARD_S
     rows = list(rows)
     columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
     return pa.Table.from_pydict(columns, schema=schema)
-
-
-def write_table(
-    table: pa.Table,
-    path: str,
-    *,
-    kind: str = KIND_SHARD,
-    config: Mapping[str, Any] | None = None,
-    models: Mapping[str, Any] | None = None,
-    compression: str = "zstd",
-    filesystem: Any = None,
-) -> None:
-    """Write a table as one babelcap Parquet file with the contract's metadata."""
-    expected = SHARD_SCHEMA if kind == KIND_SHARD else DEAD_LETTER_SCHEMA
-    check_schema(table.schema, expected, path)
-    table = table.cast(expected).replace_schema_metadata(file_metadata(kind, config, models))
-    pq.write_table(table, path, compression=compression, filesystem=filesystem)
