@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from babelcap.core.lists import parse_list
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, write_results
@@ -246,7 +248,7 @@ def main() -> int:
         "--quick", action="store_true", help="the tests' world, 2 seeds, fewer steps"
     )
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in parse_list(args.seeds)]
     if args.quick:
         seeds = seeds[:2]
 

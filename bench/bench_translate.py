@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from babelcap.core.lists import parse_list
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
@@ -382,7 +384,7 @@ def main() -> None:
     n_tokens = 16 if args.quick else 24
     repeats = 2
     texts = sentences(world, n_small)
-    threads = [int(t) for t in args.threads.split(",")]
+    threads = [int(t) for t in parse_list(args.threads)]
     rows = []
     for n_threads in threads:
         rows += speed(

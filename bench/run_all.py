@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from babelcap.core.lists import parse_list
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
@@ -84,7 +86,7 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated subset of: " + ",".join(BENCHMARKS))
     parser.add_argument("--no-run", action="store_true", help="only rebuild the summary")
     args = parser.parse_args()
-    names = args.only.split(",") if args.only else BENCHMARKS
+    names = parse_list(args.only) or BENCHMARKS
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.no_run:
         run(names, args.quick)

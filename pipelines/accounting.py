@@ -30,10 +30,6 @@ class AccountingError(RuntimeError):
     """inputs != rows + dead-lettered + duplicates: some input was lost or doubled."""
 
 
-def new_stats() -> dict[str, int]:
-    return {}
-
-
 def bump(element: dict[str, Any], key: str, n: int = 1) -> None:
     """Count `n` events of `key` on the element and on the live Beam counter."""
     if n == 0:

@@ -93,7 +93,3 @@ def resolve(code: str) -> Language:
         lang = replace(lang, nllb=f"{lang.nllb.split('_')[0]}_{script}")
     return lang
 
-
-def nllb_code_of(token: str) -> str | None:
-    """`por_Latn` if `token` looks like an NLLB language token, else None."""
-    return token if _NLLB.match(token) else None

@@ -29,9 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from babelcap.core.lists import parse_list
     from babelcap.translators import convert_model, read_model_info
 
-    langs = [c.strip() for c in args.languages.split(",")] if args.languages else None
+    langs = parse_list(args.languages) or None
     try:
         out = convert_model(
             args.model, args.out, quantization=args.quantization, languages=langs, force=args.force
