@@ -1,0 +1,271 @@
+"""Is an evaluation set part of the training data? Checked by image id and by perceptual hash.
+
+Quality figures mean nothing when the model trained on the images it is evaluated on. Before an
+evaluation, `check_overlap` compares the evaluation images with an index of the training images:
+
+- by `image_id` (sha256 of the original bytes, the shards' id): exact copies;
+- by perceptual hash (pHash, 64 bits, through `imagehash`), so resized or re-encoded copies are
+  caught too, as DataComp deduplicates its pool against its evaluation sets. A pHash neighbour
+  (Hamming distance <= `MAX_HASH_DISTANCE`) is only a candidate: it counts when the two images
+  also agree pixel by pixel at 32x32 (RMSE <= `MAX_THUMB_RMSE`), because small synthetic scenes
+  (a shape on a plain background) can share a pHash without being the same picture. On the
+  world, re-encoded copies (JPEG q50-q90, 32-200 px) stay within 6 bits and RMSE 0.057; distinct
+  test/train scenes that are pHash neighbours differ by RMSE >= 0.078.
+
+The index (`TrainingImages`) is built from the training shards (the rows of the splits trained
+on) and saved with a run (`training_images.parquet`), so `babelcap eval` can check a model
+against what its run recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from PIL import Image
+
+from babelcap.core.images import ImageError, decode_rgb, open_rgb, to_rgb
+from babelcap.core.shards import ShardSet, find_shards
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "training_images.parquet"
+MAX_HASH_DISTANCE = 8
+MAX_THUMB_RMSE = 0.065
+THUMB = 32
+_INDEX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("phash", pa.uint64()),
+        ("split", pa.string()),
+        ("file", pa.string()),
+        ("row", pa.int64()),
+    ]
+)
+
+
+class ContaminationError(ValueError):
+    """The evaluation images overlap the training images."""
+
+
+def phash(im: Image.Image) -> int:
+    """64-bit perceptual hash (DCT pHash) of an image."""
+    import imagehash
+
+    bits = imagehash.phash(to_rgb(im)).hash.flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def thumbnail(im: Image.Image) -> np.ndarray:
+    """32x32 RGB in [0, 1]: what the confirmation step compares."""
+    small = to_rgb(im).resize((THUMB, THUMB), Image.Resampling.BILINEAR)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+@dataclass
+class TrainingImages:
+    """The training images by id and by pHash, with where each came from (file, row)."""
+
+    image_ids: list[str] = field(default_factory=list)
+    hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    splits: list[str | None] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def save(self, path: str | Path) -> Path:
+        table = pa.table(
+            {
+                "image_id": self.image_ids,
+                "phash": pa.array(self.hashes, pa.uint64()),
+                "split": self.splits,
+                "file": self.files,
+                "row": self.rows,
+            },
+            schema=_INDEX_SCHEMA,
+        )
+        pq.write_table(table, str(path), compression="zstd")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingImages:
+        table = pq.read_table(str(path), schema=_INDEX_SCHEMA)
+        return cls(
+            image_ids=table["image_id"].to_pylist(),
+            hashes=table["phash"].to_numpy(zero_copy_only=False).astype(np.uint64),
+            splits=table["split"].to_pylist(),
+            files=table["file"].to_pylist(),
+            rows=table["row"].to_pylist(),
+        )
+
+
+def index_training_images(
+    shards: ShardSet | str | Sequence[str], splits: Sequence[str] | None = ("train",)
+) -> TrainingImages:
+    """Index the images of the rows a trainer with this split filter reads (None: all rows;
+    rows without a split are always read, like the trainer does)."""
+    shards = shards if isinstance(shards, ShardSet) else find_shards(shards)
+    out = TrainingImages()
+    hashes: list[int] = []
+    for path in shards.files:
+        dataset = ds.dataset(path, format="parquet", filesystem=shards.filesystem)
+        row = 0
+        for batch in dataset.to_batches(columns=["image_id", "split", "image"], batch_size=256):
+            for rec in batch.to_pylist():
+                index, row = row, row + 1
+                if not _in_splits(rec.get("split"), splits):
+                    continue
+                value = _hash_of(rec.get("image"))
+                if value is None:
+                    continue  # no bytes in the shard: only its id can be checked
+                out.image_ids.append(rec["image_id"])
+                out.splits.append(rec.get("split"))
+                out.files.append(path)
+                out.rows.append(index)
+                hashes.append(value)
+    out.hashes = np.array(hashes, dtype=np.uint64)
+    return out
+
+
+def _in_splits(split: str | None, splits: Sequence[str] | None) -> bool:
+    return splits is None or split is None or split in splits
+
+
+def _hash_of(image: dict[str, Any] | None) -> int | None:
+    data = (image or {}).get("bytes")
+    if not data:
+        return None
+    try:
+        return phash(decode_rgb(data))
+    except ImageError:
+        return None
+
+
+@dataclass
+class Overlap:
+    """How many evaluation images were found in the training data, and how."""
+
+    eval_images: int
+    training_images: int
+    by_id: int = 0
+    by_hash: int = 0  # copies that are not byte-identical (resized, re-encoded)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.by_id + self.by_hash
+
+    def summary(self) -> str:
+        return (
+            f"{self.total} of {self.eval_images} evaluation images are in the training data "
+            f"({self.by_id} identical, {self.by_hash} resized or re-encoded copies; "
+            f"{self.training_images} training images checked)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "eval_images": self.eval_images,
+            "training_images": self.training_images,
+            "by_id": self.by_id,
+            "by_hash": self.by_hash,
+            "total": self.total,
+            "examples": self.examples[:10],
+        }
+
+
+def check_overlap(
+    images: Sequence[Any], image_ids: Sequence[str | None], training: TrainingImages
+) -> Overlap:
+    """Compare evaluation images (PIL images or paths) and their ids with `training`."""
+    known = set(training.image_ids)
+    result = Overlap(eval_images=len(images), training_images=len(training))
+    thumbs: dict[int, np.ndarray] = {}
+    for i, (image, image_id) in enumerate(zip(images, image_ids, strict=True)):
+        if image_id is not None and image_id in known:
+            result.by_id += 1
+            result.examples.append({"eval_index": i, "image_id": image_id, "match": "id"})
+            continue
+        if not len(training):
+            continue
+        im = image if isinstance(image, Image.Image) else open_rgb(image)
+        distances = np.bitwise_count(training.hashes ^ np.uint64(phash(im)))
+        candidates = np.flatnonzero(distances <= MAX_HASH_DISTANCE)
+        if not len(candidates):
+            continue
+        mine = thumbnail(im)
+        for j in candidates[np.argsort(distances[candidates])]:
+            if j not in thumbs:
+                thumbs[j] = thumbnail(_training_image(training, int(j)))
+            rmse = float(np.sqrt(((mine - thumbs[j]) ** 2).mean()))
+            if rmse <= MAX_THUMB_RMSE:
+                result.by_hash += 1
+                result.examples.append(
+                    {
+                        "eval_index": i,
+                        "image_id": image_id,
+                        "match": "phash",
+                        "training_image_id": training.image_ids[j],
+                        "hash_distance": int(distances[j]),
+                        "rmse": round(rmse, 4),
+                    }
+                )
+                break
+    return result
+
+
+def _training_image(training: TrainingImages, j: int) -> Image.Image:
+    """Read one indexed training image back from its shard (only for pHash candidates)."""
+    pf = pq.ParquetFile(training.files[j])
+    row = training.rows[j]
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if row < n:
+            cell = pf.read_row_group(g, columns=["image"]).column("image")[row].as_py()
+            return decode_rgb(cell["bytes"])
+        row -= n
+    raise IndexError(f"{training.files[j]}: no row {training.rows[j]}")
+
+
+def ensure_clean(overlap: Overlap, allow: bool = False) -> Overlap:
+    """Refuse a contaminated evaluation unless the user allowed it (then it is logged)."""
+    if overlap.total and not allow:
+        raise ContaminationError(
+            f"{overlap.summary()}: recall measured on them would be inflated. Evaluate on "
+            "images the model did not train on (the trainer reads data.splits, default "
+            "train), or pass --allow-contamination to go on anyway (the report then says so)."
+        )
+    if overlap.total:
+        log.warning("CONTAMINATED evaluation: %s", overlap.summary())
+    return overlap
+
+
+def load_run_index(model_dir: str | Path) -> TrainingImages | None:
+    """The training images a run recorded next to its model (export/ or the run folder)."""
+    model_dir = Path(model_dir)
+    for folder in (model_dir, model_dir.parent):
+        path = folder / INDEX_FILE
+        if path.is_file():
+            return TrainingImages.load(path)
+    return None
+
+
+def merge(indexes: Iterable[TrainingImages]) -> TrainingImages:
+    out = TrainingImages()
+    hashes = []
+    for idx in indexes:
+        out.image_ids += idx.image_ids
+        out.splits += idx.splits
+        out.files += idx.files
+        out.rows += idx.rows
+        hashes.append(idx.hashes)
+    out.hashes = np.concatenate(hashes) if hashes else out.hashes
+    return out
