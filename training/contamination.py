@@ -1,20 +1,15 @@
-"""Is an evaluation set part of the training data? Checked by image id and by perceptual hash.
+"""Is an evaluation set part of the training data? Checked before every evaluation.
 
-Quality figures mean nothing when the model trained on the images it is evaluated on. Before an
-evaluation, `check_overlap` compares the evaluation images with an index of the training images:
+Quality figures mean nothing when the model trained on the images it is evaluated on.
+`check_overlap` compares the evaluation images with an index of the training images, by
+`image_id` and by perceptual hash confirmed at 32x32 (the rule of `babelcap.core.near_duplicates`),
+so resized or re-encoded copies are caught too, as DataComp deduplicates its pool against its
+evaluation sets.
 
-- by `image_id` (sha256 of the original bytes, the shards' id): exact copies;
-- by perceptual hash (pHash, 64 bits, through `imagehash`), so resized or re-encoded copies are
-  caught too, as DataComp deduplicates its pool against its evaluation sets. A pHash neighbour
-  (Hamming distance <= `MAX_HASH_DISTANCE`) is only a candidate: it counts when the two images
-  also agree pixel by pixel at 32x32 (RMSE <= `MAX_THUMB_RMSE`), because small synthetic scenes
-  (a shape on a plain background) can share a pHash without being the same picture. On the
-  world, re-encoded copies (JPEG q50-q90, 32-200 px) stay within 6 bits and RMSE 0.057; distinct
-  test/train scenes that are pHash neighbours differ by RMSE >= 0.078.
-
-The index (`TrainingImages`) is built from the training shards (the rows of the splits trained
-on) and saved with a run (`training_images.parquet`), so `babelcap eval` can check a model
-against what its run recorded.
+The index (`TrainingImages`: id, pHash and where each image is) is built from the training
+shards (the rows of the splits trained on) and saved with a run (`training_images.parquet`), so
+`babelcap eval` can check a model against what its run recorded. Thumbnails of training images
+are read back from their shards only for pHash candidates.
 """
 
 from __future__ import annotations
@@ -31,15 +26,20 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from PIL import Image
 
-from babelcap.core.images import ImageError, decode_rgb, open_rgb, to_rgb
+from babelcap.core.images import ImageError, decode_rgb, open_rgb
+from babelcap.core.near_duplicates import (
+    MAX_HASH_DISTANCE,
+    MAX_THUMB_RMSE,
+    hash_distances,
+    phash,
+    thumb_rmse,
+    thumbnail,
+)
 from babelcap.core.shards import ShardSet, find_shards
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "training_images.parquet"
-MAX_HASH_DISTANCE = 8
-MAX_THUMB_RMSE = 0.065
-THUMB = 32
 _INDEX_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -53,20 +53,6 @@ _INDEX_SCHEMA = pa.schema(
 
 class ContaminationError(ValueError):
     """The evaluation images overlap the training images."""
-
-
-def phash(im: Image.Image) -> int:
-    """64-bit perceptual hash (DCT pHash) of an image."""
-    import imagehash
-
-    bits = imagehash.phash(to_rgb(im)).hash.flatten()
-    return int("".join("1" if b else "0" for b in bits), 2)
-
-
-def thumbnail(im: Image.Image) -> np.ndarray:
-    """32x32 RGB in [0, 1]: what the confirmation step compares."""
-    small = to_rgb(im).resize((THUMB, THUMB), Image.Resampling.BILINEAR)
-    return np.asarray(small, dtype=np.float32) / 255.0
 
 
 @dataclass
@@ -197,15 +183,15 @@ def check_overlap(
         if not len(training):
             continue
         im = image if isinstance(image, Image.Image) else open_rgb(image)
-        distances = np.bitwise_count(training.hashes ^ np.uint64(phash(im)))
+        distances = hash_distances(training.hashes, phash(im))
         candidates = np.flatnonzero(distances <= MAX_HASH_DISTANCE)
         if not len(candidates):
             continue
         mine = thumbnail(im)
-        for j in candidates[np.argsort(distances[candidates])]:
+        for j in candidates[np.argsort(distances[candidates], kind="stable")]:
             if j not in thumbs:
                 thumbs[j] = thumbnail(_training_image(training, int(j)))
-            rmse = float(np.sqrt(((mine - thumbs[j]) ** 2).mean()))
+            rmse = thumb_rmse(mine, thumbs[j])
             if rmse <= MAX_THUMB_RMSE:
                 result.by_hash += 1
                 result.examples.append(
