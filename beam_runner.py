@@ -6,8 +6,10 @@
         --runner DataflowRunner --project P --region europe-west4 \\
         --temp_location gs://bucket/tmp --setup_file ./setup.py
 
-babelcap's own flags are those of `babelcap augment`; every other flag is a Beam pipeline
-option and passes through untouched. Without `--runner` it runs locally (multi-process).
+babelcap's own flags are those of `babelcap augment` (the same parser: `--config FILE`,
+`--set key=value`, and the flags derived from `AugmentConfig`); every other flag is a Beam
+pipeline option and passes through untouched. Without `--runner` it runs locally
+(multi-process).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from babelcap.commands.augment import add_arguments, config_from_args
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a Beam option must never be read as an abbreviated babelcap flag
     )
     add_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)

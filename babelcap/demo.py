@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,7 +69,7 @@ def augment_step(cfg: DemoConfig, world: Path, augment_dir: Path) -> dict[str, A
         AugmentConfig,
         CaptionerConfig,
         ClipConfig,
-        TranslatorConfig,
+        TranslationStageConfig,
     )
     from babelcap.pipelines.runner import published_run
     from babelcap.pipelines.runner import run as run_augment
@@ -83,7 +82,7 @@ def augment_step(cfg: DemoConfig, world: Path, augment_dir: Path) -> dict[str, A
         captioner=CaptionerConfig(
             model=str(model_dir(world, "captioner")), num_captions=cfg.num_captions
         ),
-        translator=TranslatorConfig(model=str(model_dir(world, "m2m-multi") / "ct2")),
+        translator=TranslationStageConfig(model=str(model_dir(world, "m2m-multi") / "ct2")),
         clip=ClipConfig(
             model=str(model_dir(world, "clip-base")), top_k=cfg.clip_top_k, embed_images=True
         ),
@@ -100,7 +99,6 @@ def train_step(cfg: DemoConfig, world: Path, shards: Path, run_dir: Path) -> dic
     from babelcap.training.config import load_config
     from babelcap.training.trainer import train
 
-    os.environ["BABELCAP_WORLD"] = str(world)
     overrides = [
         f"data.train={json.dumps([str(shards)])}",
         f"run.output_dir={json.dumps(str(run_dir))}",
@@ -111,7 +109,7 @@ def train_step(cfg: DemoConfig, world: Path, shards: Path, run_dir: Path) -> dic
         overrides.append(f"data.languages={json.dumps(list(cfg.train_languages))}")
     if cfg.train_steps is not None:
         overrides.append(f"optim.max_steps={cfg.train_steps}")
-    train_cfg = load_config(cfg.train_config, overrides)
+    train_cfg = load_config(cfg.train_config, overrides, {"BABELCAP_WORLD": str(world)})
     summary_path = run_dir / "summary.json"
     if summary_path.exists() and (run_dir / "export").exists():
         summary = json.loads(summary_path.read_text())

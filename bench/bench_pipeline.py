@@ -96,7 +96,7 @@ def make_config(
         CaptionerConfig,
         ClipConfig,
         TextFilterConfig,
-        TranslatorConfig,
+        TranslationStageConfig,
     )
 
     tiny = models["kind"] != "world"
@@ -107,7 +107,7 @@ def make_config(
         captioner=CaptionerConfig(
             model=models["captioner"], num_captions=num_captions, max_new_tokens=20, batch_size=32
         ),
-        translator=TranslatorConfig(
+        translator=TranslationStageConfig(
             model=models["translator"],
             batch_size=64,
             options={"max_decoding_length": 24} if tiny else {},
@@ -158,7 +158,7 @@ def translate_stage_vs_engine(world: Path, models: dict, n_images: int | None = 
     """Same English sentences through the raw engine and through the Beam translate stage."""
     import apache_beam as beam
 
-    from babelcap.pipelines.options import TranslatorConfig
+    from babelcap.pipelines.options import TranslationStageConfig
     from babelcap.pipelines.runner import pipeline_options
     from babelcap.pipelines.translation import Translate, engine_config
     from babelcap.translators import Translator
@@ -189,7 +189,7 @@ def translate_stage_vs_engine(world: Path, models: dict, n_images: int | None = 
         )
     sentences = [c["text"] for rec in records for c in rec["captions"]]
     tiny = models["kind"] != "world"
-    cfg = TranslatorConfig(
+    cfg = TranslationStageConfig(
         model=models["translator"],
         batch_size=64,
         options={"max_decoding_length": 24} if tiny else {},

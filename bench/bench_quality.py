@@ -69,7 +69,7 @@ def augment(
         AugmentConfig,
         CaptionerConfig,
         ClipConfig,
-        TranslatorConfig,
+        TranslationStageConfig,
     )
     from babelcap.pipelines.runner import published_run, run
     from babelcap.world.models import model_dir
@@ -83,7 +83,7 @@ def augment(
         )
         if captioner
         else None,
-        translator=TranslatorConfig(model=str(model_dir(world, "m2m-multi") / "ct2")),
+        translator=TranslationStageConfig(model=str(model_dir(world, "m2m-multi") / "ct2")),
         clip=ClipConfig(
             model=str(model_dir(world, "clip-base")),
             score_threshold=threshold,

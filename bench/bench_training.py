@@ -190,7 +190,7 @@ def run_one(config: str, batch: int, steps: int, device: str) -> dict:
     embeddings = config.endswith("embeddings")
     bundle = build_model(drop_image_tower=embeddings)
     method = build_method(
-        MethodConfig(text_tower="lora", lora_r=8, lora_alpha=8, modules_to_save=["proj"])
+        MethodConfig(text_tower="lora", lora={"r": 8, "alpha": 8, "modules_to_save": ["proj"]})
     )
     model = method.setup(bundle.model)
     params = count_parameters(model)

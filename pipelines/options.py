@@ -1,16 +1,21 @@
 """Configuration of the augmentation pipeline, as data.
 
-`AugmentConfig` is a frozen dataclass: the CLI, beam_runner.py and tests all build one and hand
-it to `pipelines.builder`. It serialises to a plain dict (`to_dict`), which is what lands in the
-Parquet file metadata and in the run manifest, so every shard records how it was made.
+`AugmentConfig` and its sections are frozen pydantic models (`babelcap.core.config`): the CLI,
+beam_runner.py and tests all build one and hand it to `pipelines.builder`; they pickle into the
+Beam DoFns. A config is validated when it is built (unknown keys and bad values are errors
+naming the key, before any work starts). It serialises to JSON-plain data (`to_dict`), which is
+what lands in the Parquet file metadata and in the run manifest, so every shard records how it
+was made; `AugmentConfig.from_dict(config.to_dict()) == config`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from babelcap.core.config import FrozenConfigModel
+from babelcap.core.lists import parse_list
 
 # CAPIVARA's ten prompt prefixes for BLIP-2 synthetic captions.
 CAPIVARA_PROMPTS: tuple[str, ...] = (
@@ -28,130 +33,126 @@ CAPIVARA_PROMPTS: tuple[str, ...] = (
 
 INPUT_FORMATS = ("auto", "folder", "manifest", "webdataset")
 STORE_IMAGE = ("bytes", "reencode", "path", "none")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 
 
-@dataclass(frozen=True)
-class CaptionerConfig:
+class CaptionerConfig(FrozenConfigModel):
     """An image-to-text model loaded by name or path through transformers' loaders."""
 
-    model: str  # hub name or local / gs:// path
-    model_class: str | None = None  # e.g. "BlipForConditionalGeneration"; auto when None
-    prompts: tuple[str, ...] = CAPIVARA_PROMPTS
-    num_captions: int = 10  # prompts are cycled when num_captions > len(prompts)
-    sampling: bool = False  # sample instead of greedy/beam search (seeded per image)
-    num_beams: int = 1
-    max_new_tokens: int = 30
-    top_p: float = 0.9
-    temperature: float = 1.0
-    batch_size: int = 16
-    device: str = "auto"  # "auto" = cuda when available; fp16 on GPU
+    model: str = Field(description="image-to-text model: hub name or local / gs:// path")
+    model_class: str | None = Field(
+        None, description="transformers class, e.g. Blip2ForConditionalGeneration (auto: None)"
+    )
+    prompts: tuple[str, ...] = Field(
+        CAPIVARA_PROMPTS, description="prompt prefixes, cycled (default: CAPIVARA's ten)"
+    )
+    num_captions: int = Field(10, ge=1, description="captions per image")
+    sampling: bool = Field(False, description="sample captions (seeded per image)")
+    num_beams: int = Field(1, ge=1, description="beam search width")
+    max_new_tokens: int = Field(30, ge=1, description="longest caption, in tokens")
+    top_p: float = Field(0.9, description="nucleus sampling mass (with sampling)")
+    temperature: float = Field(1.0, description="sampling temperature (with sampling)")
+    batch_size: int = Field(16, ge=1, description="images per captioning batch")
+    device: str = Field("auto", description="auto | cpu | cuda (auto: cuda when there; fp16)")
 
 
-@dataclass(frozen=True)
-class TranslatorConfig:
-    """The translators engine (CTranslate2 model directory, local or gs://)."""
+class TranslationStageConfig(FrozenConfigModel):
+    """The pipeline's translation stage: which translators (CTranslate2) model, batch, device.
+    (The engine's own settings are `babelcap.translators.TranslatorConfig`; `options` passes
+    extra ones to it.)"""
 
-    model: str
-    batch_size: int = 64  # rows per RunInference batch (each row holds several captions)
-    device: str = "auto"
-    options: Mapping[str, Any] = field(default_factory=dict)  # passed to the engine config
-
-
-@dataclass(frozen=True)
-class TextFilterConfig:
-    min_chars: int = 3
-    min_words: int = 2
-    max_chars: int = 300
-    max_source_chars: int = 1000  # longer source alt-text is dropped (reason "too_long")
-    near_duplicate_threshold: float = 0.9  # TF-IDF cosine >= this is a near duplicate
-    min_keep: int = 1  # near-duplicate pruning keeps at least this many captions
-    language_check: bool = True  # lingua check of each translation
+    model: str = Field(description="translators (CTranslate2) model folder, local or gs://")
+    batch_size: int = Field(
+        64, ge=1, description="rows per RunInference batch (each row holds several captions)"
+    )
+    device: str = Field("auto", description="auto | cpu | cuda")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the engine's TranslatorConfig"
+    )
 
 
-@dataclass(frozen=True)
-class ClipConfig:
+class TextFilterConfig(FrozenConfigModel):
+    """Rule-based caption filters (English captions and translations)."""
+
+    min_chars: int = Field(3, description="shorter captions are dropped")
+    min_words: int = Field(2, description="captions with fewer words are dropped")
+    max_chars: int = Field(300, description="longer captions are dropped")
+    max_source_chars: int = Field(
+        1000, description='longer source alt-text is dropped (reason "too_long")'
+    )
+    near_duplicate_threshold: float = Field(
+        0.9, description="TF-IDF cosine >= this is a near duplicate"
+    )
+    min_keep: int = Field(1, description="near-duplicate pruning keeps at least this many")
+    language_check: bool = Field(True, description="lingua check of each translation")
+
+
+class ClipConfig(FrozenConfigModel):
     """CLIP model used for scoring and/or image embeddings (open_clip)."""
 
-    model: str  # open_clip model name, "hf-hub:...", or a local directory
-    pretrained: str | None = None  # open_clip pretrained tag or checkpoint path
-    score_threshold: float | None = None  # keep English captions scoring >= this
-    top_k: int | None = None  # or keep the top k per image
-    score: bool = True  # compute CLIP scores (and filter when threshold/top_k is set)
-    embed_images: bool = False  # write image embeddings to the `embedding` column
-    batch_size: int = 32
-    device: str = "auto"
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    input: str
-    output: str
-    languages: tuple[str, ...] = ()
-    captioner: CaptionerConfig | None = None
-    translator: TranslatorConfig | None = None
-    clip: ClipConfig | None = None
-    input_format: str = "auto"
-    source_language: str = "en"  # language of source captions when the manifest has none
-    image_column: str | None = None  # manifest column with the image path/URI (auto-detected)
-    caption_column: str | None = None
-    language_column: str | None = None
-    image_extensions: tuple[str, ...] = (
-        ".jpg",
-        ".jpeg",
-        ".png",
-        ".gif",
-        ".webp",
-        ".bmp",
-        ".tif",
-        ".tiff",
+    model: str = Field(description='open_clip model: name, "hf-hub:...", config JSON or folder')
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or checkpoint")
+    score_threshold: float | None = Field(
+        None, description="keep English captions with CLIP score >= this"
     )
-    max_image_pixels: int = 64_000_000  # decompression-bomb limit (width * height)
-    max_file_bytes: int = 64 * 1024 * 1024
-    store_image: str = "bytes"  # bytes | reencode | path | none
-    resize_max_side: int | None = None  # with store_image="reencode"
-    text: TextFilterConfig = field(default_factory=TextFilterConfig)
-    num_shards: int | None = None  # fixed shard count; default: from rows_per_shard
-    rows_per_shard: int = 1000
-    seed: int = 0
+    top_k: int | None = Field(None, ge=1, description="keep the k best captions per image")
+    score: bool = Field(True, description="compute CLIP scores (filter with threshold/top_k)")
+    embed_images: bool = Field(False, description="write CLIP image embeddings (`embedding`)")
+    batch_size: int = Field(32, ge=1, description="images per CLIP batch")
+    device: str = Field("auto", description="auto | cpu | cuda")
 
-    def __post_init__(self) -> None:
-        if self.input_format not in INPUT_FORMATS:
-            raise ValueError(f"input_format must be one of {INPUT_FORMATS}")
-        if self.store_image not in STORE_IMAGE:
-            raise ValueError(f"store_image must be one of {STORE_IMAGE}")
+
+class AugmentConfig(FrozenConfigModel):
+    """One augmentation run: input, models, filters, output."""
+
+    input: str = Field(description="image folder, manifest (.jsonl/.csv/.parquet) or .tar shards")
+    output: str = Field(description="output folder (local or gs://)")
+    languages: tuple[str, ...] = Field(
+        (), description='target languages, comma-separated ("pt, es")'
+    )
+    captioner: CaptionerConfig | None = None
+    translator: TranslationStageConfig | None = None
+    clip: ClipConfig | None = None
+    input_format: Literal["auto", "folder", "manifest", "webdataset"] = Field(
+        "auto", description="how to read --input (auto: from the path)"
+    )
+    source_language: str = Field(
+        "en", description="language of source captions when the manifest has none"
+    )
+    image_column: str | None = Field(
+        None, description="manifest column with the image path/URI (auto-detected)"
+    )
+    caption_column: str | None = Field(None, description="manifest caption column (auto)")
+    language_column: str | None = Field(None, description="manifest language column (auto)")
+    image_extensions: tuple[str, ...] = Field(
+        IMAGE_EXTENSIONS, description="image files of a folder input, comma-separated"
+    )
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="decompression-bomb limit (width * height)"
+    )
+    max_file_bytes: int = Field(64 * 1024 * 1024, ge=1, description="larger files are refused")
+    store_image: Literal["bytes", "reencode", "path", "none"] = Field(
+        "bytes", description="what the `image` column holds"
+    )
+    resize_max_side: int | None = Field(
+        None, ge=1, description='with store_image "reencode": longest side in pixels'
+    )
+    text: TextFilterConfig = Field(default_factory=TextFilterConfig)
+    num_shards: int | None = Field(
+        None, ge=1, description="fixed number of shards (default: from rows_per_shard)"
+    )
+    rows_per_shard: int = Field(1000, ge=1, description="target rows per shard")
+    seed: int = Field(0, description="seed of everything random (sampled captions)")
+
+    @field_validator("languages", "image_extensions", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, bool) or value is None:
+            raise ValueError("expected a list or a comma-separated string")
+        return tuple(parse_list(value))
+
+    @model_validator(mode="after")
+    def _translator_for_languages(self) -> AugmentConfig:
         if self.languages and self.translator is None:
             raise ValueError("target languages given but no translator model")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AugmentConfig:
-        data = dict(data)
-        subs = {
-            "captioner": CaptionerConfig,
-            "translator": TranslatorConfig,
-            "clip": ClipConfig,
-            "text": TextFilterConfig,
-        }
-        for key, klass in subs.items():
-            if isinstance(data.get(key), Mapping):
-                sub = dict(data[key])
-                if "prompts" in sub:
-                    sub["prompts"] = tuple(sub["prompts"])
-                data[key] = klass(**sub)
-        for key in ("languages", "image_extensions"):
-            if key in data and isinstance(data[key], Sequence):
-                data[key] = tuple(data[key])
-        return cls(**data)
-
-
-def parse_languages(value: str | Sequence[str]) -> tuple[str, ...]:
-    """'pt, es' or ['pt', 'es'] -> ('pt', 'es'), order kept, duplicates removed."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    out: list[str] = []
-    for item in items:
-        code = item.strip()
-        if code and code not in out:
-            out.append(code)
-    return tuple(out)
+        return self

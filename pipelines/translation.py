@@ -26,20 +26,20 @@ from babelcap.core import schema
 from babelcap.pipelines.accounting import NAMESPACE, bump
 from babelcap.pipelines.captioning import FailedBatch
 from babelcap.pipelines.models import local_model_path
-from babelcap.pipelines.options import TranslatorConfig
+from babelcap.pipelines.options import TranslationStageConfig
 
 log = logging.getLogger(__name__)
 
 STAGE = "translate"
 
 
-def engine_config(cfg: TranslatorConfig, model_dir: str | None = None):
+def engine_config(cfg: TranslationStageConfig, model_dir: str | None = None):
     from babelcap.translators import TranslatorConfig as EngineConfig
 
     return EngineConfig(model_dir=model_dir or cfg.model, device=cfg.device, **dict(cfg.options))
 
 
-def check_languages(cfg: TranslatorConfig, languages: Sequence[str]) -> tuple[str, ...]:
+def check_languages(cfg: TranslationStageConfig, languages: Sequence[str]) -> tuple[str, ...]:
     """Canonical codes of `languages`; ValueError for codes unknown or not served by the model."""
     from babelcap.translators import Translator, resolve
 
@@ -68,7 +68,9 @@ def check_languages(cfg: TranslatorConfig, languages: Sequence[str]) -> tuple[st
 
 
 class TranslateModelHandler(ModelHandler[dict, dict, Any]):
-    def __init__(self, config: TranslatorConfig, languages: Sequence[str], source: str = "en"):
+    def __init__(
+        self, config: TranslationStageConfig, languages: Sequence[str], source: str = "en"
+    ):
         super().__init__()
         self.config = config
         self.languages = tuple(languages)
@@ -130,7 +132,7 @@ class TranslateModelHandler(ModelHandler[dict, dict, Any]):
 class Translate(beam.PTransform):
     """records -> (records with translations appended, dead letters)."""
 
-    def __init__(self, config: TranslatorConfig, languages: Sequence[str]):
+    def __init__(self, config: TranslationStageConfig, languages: Sequence[str]):
         super().__init__()
         self.handler = TranslateModelHandler(config, languages)
 

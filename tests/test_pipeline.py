@@ -30,7 +30,12 @@ from babelcap.pipelines.filters import (
     near_duplicates,
     text_problem,
 )
-from babelcap.pipelines.options import AugmentConfig, ClipConfig, TextFilterConfig, TranslatorConfig
+from babelcap.pipelines.options import (
+    AugmentConfig,
+    ClipConfig,
+    TextFilterConfig,
+    TranslationStageConfig,
+)
 from babelcap.pipelines.sources import ExpandInput, detect_format
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
@@ -360,7 +365,7 @@ def test_unknown_target_language_fails_before_any_work(tmp_path):
             input=str(tmp_path / "in"),
             output=str(tmp_path / "out"),
             languages=("pt", bad),
-            translator=TranslatorConfig(str(translator)),
+            translator=TranslationStageConfig(model=str(translator)),
         )
         with pytest.raises(ValueError, match=match):
             run(cfg, workers=1)
@@ -515,7 +520,7 @@ def test_caption_and_translate_transforms(tiny_models):
         max_new_tokens=5,
         batch_size=2,
     )
-    translator = TranslatorConfig(
+    translator = TranslationStageConfig(
         model=tiny_models["translator"], batch_size=2, options={"max_decoding_length": 8}
     )
 

@@ -28,7 +28,7 @@ from babelcap.pipelines.options import (
     CaptionerConfig,
     ClipConfig,
     TextFilterConfig,
-    TranslatorConfig,
+    TranslationStageConfig,
 )
 from babelcap.pipelines.publish import MANIFEST, read_manifest
 
@@ -85,7 +85,7 @@ def job(world_dir, models, tmp_path_factory) -> dict:
         captioner=CaptionerConfig(
             model=models["captioner"], num_captions=4, max_new_tokens=24, batch_size=8
         ),
-        translator=TranslatorConfig(
+        translator=TranslationStageConfig(
             model=models["translator"],
             batch_size=16,
             options={"max_decoding_length": 16} if tiny else {},
@@ -251,8 +251,6 @@ def test_world_captions_are_translated_into_every_language(job):
 def test_crash_then_rerun_gives_the_same_rows(job, monkeypatch, tmp_path):
     """A run killed while writing leaves the published output alone (no manifest change);
     re-running into the same output gives exactly the rows of the clean run."""
-    import dataclasses
-
     from babelcap.pipelines import sinks
     from babelcap.pipelines.runner import run
 
@@ -283,7 +281,7 @@ def test_crash_then_rerun_gives_the_same_rows(job, monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError):
         read_manifest(str(out))
 
-    manifest = run(dataclasses.replace(config), workers=1, echo=False)
+    manifest = run(config.model_copy(), workers=1, echo=False)
     after = _rows(out)
     strip = [{k: v for k, v in r.items() if k != "embedding"} for r in before]
     assert [{k: v for k, v in r.items() if k != "embedding"} for r in after] == strip

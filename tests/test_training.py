@@ -52,7 +52,7 @@ def _cfg(base_dir: Path, shards: list[str], out: Path, **sections) -> TrainConfi
             "shuffle_buffer": 64,
             "embeddings": "never",
         },
-        "method": {"lora_r": 4, "lora_alpha": 8},
+        "method": {"lora": {"r": 4, "alpha": 8}},
         "optim": {"lr": 2e-3, "warmup_steps": 1, "max_steps": 4},
         "run": {
             "output_dir": str(out),
@@ -177,7 +177,7 @@ def test_resume_equals_uninterrupted_run(base_dir, pt_shards, tmp_path):
         "optim": {"max_steps": 7},
         "run": {"save_every": 3, "keep_checkpoints": 5},
         "data": {"batch_size": 64},
-        "method": {"lora_dropout": 0.1},
+        "method": {"lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
     }
     full = Trainer(_cfg(base_dir, pt_shards, tmp_path / "a", **copy.deepcopy(sections)))
     full.fit()

@@ -33,9 +33,7 @@ def test_lit_lora_on_portuguese_raises_portuguese_recall(world_dir, world_models
             "method": {
                 "image_tower": "locked",
                 "text_tower": "lora",
-                "lora_r": 8,
-                "lora_alpha": 16,
-                "modules_to_save": ["proj"],
+                "lora": {"r": 8, "alpha": 16, "modules_to_save": ["proj"]},
             },
             "optim": {"lr": 3e-3, "warmup_steps": 10, "max_steps": 120, "weight_decay": 0.0},
             "run": {

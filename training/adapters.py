@@ -20,75 +20,21 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from babelcap.models.clip import unwrap
+from babelcap.training.config import LoraConfig
 
 SHARED = "default"  # peft's default adapter name: one adapter for every language
 CONFIG_FILE = "adapter_config.json"
 
-# peft's matching rules for Hugging Face BERT-style towers (XLM-R naming).
-DEFAULT_TARGETS = {"lora": ["query", "value"], "ia3": ["key", "value", "output.dense"]}
-DEFAULT_FEEDFORWARD = {"ia3": ["output.dense"]}
-
-
-@dataclass
-class AdapterSpec:
-    """One adapter's configuration (the same for every language)."""
-
-    kind: str = "lora"  # "lora" | "ia3"
-    r: int = 2  # LoRA rank
-    alpha: int = 2  # LoRA alpha
-    dropout: float = 0.0  # LoRA dropout
-    target_modules: list[str] | None = None  # None: DEFAULT_TARGETS[kind]
-    feedforward_modules: list[str] | None = None  # (IA)3 only; None: DEFAULT_FEEDFORWARD
-    modules_to_save: list[str] = field(default_factory=list)  # e.g. ["proj"]: a copy per language
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any] | None) -> AdapterSpec:
-        """Build from a plain dict (e.g. `method.options.adapter`), ignoring unknown keys."""
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in dict(options or {}).items() if k in known})
-
-    @property
-    def targets(self) -> list[str]:
-        if self.kind not in DEFAULT_TARGETS:
-            raise ValueError(
-                f"adapter kind must be one of {sorted(DEFAULT_TARGETS)}, got {self.kind!r}"
-            )
-        return list(self.target_modules or DEFAULT_TARGETS[self.kind])
-
-    @property
-    def feedforward(self) -> list[str]:
-        return list(self.feedforward_modules or DEFAULT_FEEDFORWARD.get(self.kind, []))
-
-    def peft_config(self):
-        """The peft config object for this spec."""
-        from peft import IA3Config, LoraConfig
-
-        save = list(self.modules_to_save) or None
-        if self.kind == "lora":
-            return LoraConfig(
-                r=self.r,
-                lora_alpha=self.alpha,
-                lora_dropout=self.dropout,
-                target_modules=self.targets,
-                modules_to_save=save,
-                bias="none",
-            )
-        if self.kind == "ia3":
-            return IA3Config(
-                target_modules=self.targets,
-                feedforward_modules=self.feedforward,
-                modules_to_save=save,
-            )
-        raise ValueError(
-            f"adapter kind must be one of {sorted(DEFAULT_TARGETS)}, got {self.kind!r}"
-        )
+# One adapter's configuration (the same for every language) is the one LoRA definition of the
+# training config: `training.config.LoraConfig` (kind lora | ia3, r, alpha, dropout,
+# target_modules, feedforward_modules, modules_to_save); unknown keys are an error.
+AdapterSpec = LoraConfig
 
 
 # ----------------------------------------------------------------------------- size

@@ -45,11 +45,11 @@ class ClipMethod:
             unlocked_groups=cfg.unlocked_groups,
             text_tower=cfg.text_tower,
             lora={
-                "r": cfg.lora_r,
-                "alpha": cfg.lora_alpha,
-                "dropout": cfg.lora_dropout,
-                "target_modules": tuple(cfg.lora_target_modules),
-                "modules_to_save": tuple(cfg.modules_to_save),
+                "r": cfg.lora.r,
+                "alpha": cfg.lora.alpha,
+                "dropout": cfg.lora.dropout,
+                "target_modules": tuple(cfg.lora.targets),
+                "modules_to_save": tuple(cfg.lora.modules_to_save),
             },
             train_logit_scale=cfg.train_logit_scale,
         )

@@ -4,11 +4,44 @@ full training) from a YAML config and/or `--set section.key=value` flags."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
+
+from babelcap.core.config import (
+    Flag,
+    add_flags,
+    apply_flags,
+    apply_overrides,
+    interpolate,
+    read_config,
+)
+from babelcap.core.lists import parse_list
+
+# Flags for keys of the TrainConfig (babelcap.training.config): type and help from the field.
+FLAGS: tuple[Flag, ...] = (
+    Flag(
+        "data.train",
+        "--shards",
+        append=True,
+        help="training shards (file, folder, glob or URI; repeat); replaces data.train",
+    ),
+    Flag("run.output_dir", "--output", help="output folder"),
+    Flag("model.name", "--model", help="model name / config JSON / folder"),
+    Flag("model.pretrained", "--pretrained", help="pretrained tag or checkpoint"),
+    Flag("optim.max_steps", "--steps"),
+    Flag("method.name", "--method", help="training method: clip, capivara, alignment, continual"),
+    Flag(
+        "data.languages",
+        "--languages",
+        help='comma-separated languages ("pt, es"); for --method continual the order of '
+        "arrival, e.g. pt,de,hi",
+    ),
+    Flag("run.resume", "--resume", help="continue from the output folder's newest checkpoint"),
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from babelcap.training.config import TrainConfig
+
     parser = subparsers.add_parser(
         "train",
         help="train / adapt a CLIP model on shards (LiT, LoRA, checkpoints, export)",
@@ -22,32 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. optim.lr=1e-4",
+        help="override a config value, e.g. optim.lr=1e-4 (value parsed as YAML)",
     )
-    parser.add_argument(
-        "--shards",
-        action="append",
-        default=None,
-        help="training shards (file, folder, glob or URI); replaces data.train",
-    )
-    parser.add_argument("--output", help="output folder (run.output_dir)")
-    parser.add_argument("--model", help="model name / config JSON / folder (model.name)")
-    parser.add_argument("--pretrained", help="pretrained tag or checkpoint (model.pretrained)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (optim.max_steps)")
-    parser.add_argument(
-        "--method", help="training method (method.name): clip, capivara, alignment, continual"
-    )
-    parser.add_argument(
-        "--languages",
-        help="comma-separated languages (data.languages); for "
-        "--method continual the order of arrival, e.g. pt,de,hi",
-    )
-    parser.add_argument("--world", help="world folder; sets ${BABELCAP_WORLD} for the config")
-    parser.add_argument(
-        "--no-resume",
-        action="store_true",
-        help="start over even if the output folder has checkpoints",
-    )
+    add_flags(parser, TrainConfig, FLAGS)
+    parser.add_argument("--world", help="world folder: the config's ${BABELCAP_WORLD}")
     parser.add_argument(
         "--eval-world",
         help="after training, evaluate base and trained model "
@@ -57,32 +68,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_train)
 
 
-def _train(args: argparse.Namespace) -> int:
-    if args.world:
-        os.environ["BABELCAP_WORLD"] = os.path.abspath(args.world)
-    overrides = list(args.overrides)
-    if args.shards:
-        overrides.append(f"data.train={json.dumps(args.shards)}")
-    for flag, key in (
-        ("output", "run.output_dir"),
-        ("model", "model.name"),
-        ("pretrained", "model.pretrained"),
-        ("steps", "optim.max_steps"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    if args.method:
-        overrides.append(f"method.name={json.dumps(args.method)}")
-    if args.languages:
-        overrides.append(f"data.languages={json.dumps(args.languages.split(','))}")
-    if args.no_resume:
-        overrides.append("run.resume=false")
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of a `babelcap train` command line: the config file, then `--set`
+    overrides, then flags; `--world W` is the variable `${BABELCAP_WORLD}` (the process
+    environment is not changed)."""
+    from babelcap.training.config import TrainConfig
 
-    from babelcap.training.config import load_config
+    variables = {"BABELCAP_WORLD": os.path.abspath(args.world)} if args.world else None
+    data = apply_overrides(read_config(args.config), args.overrides)
+    data = apply_flags(data, args, TrainConfig, FLAGS)
+    return TrainConfig.from_dict(interpolate(data, variables), source=args.config)
+
+
+def _train(args: argparse.Namespace) -> int:
     from babelcap.training.trainer import run
 
-    cfg = load_config(args.config, overrides)
+    cfg = config_from_args(args)
     if not cfg.data.train:
         raise ValueError("no training shards: set data.train in the config or pass --shards")
     summary = run(cfg)
@@ -100,7 +101,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.eval_world and summary.get("export"):
         from babelcap.commands.eval import run_eval
 
-        languages = [s for s in args.eval_languages.split(",") if s]
+        languages = parse_list(args.eval_languages)
         base = (
             cfg.model.name
             if cfg.model.pretrained is None
