@@ -97,7 +97,7 @@ def augment_step(cfg: DemoConfig, world: Path, augment_dir: Path) -> dict[str, A
 
 def train_step(cfg: DemoConfig, world: Path, shards: Path, run_dir: Path) -> dict[str, Any]:
     from babelcap.training.config import load_config
-    from babelcap.training.trainer import train
+    from babelcap.training.runs import run
 
     overrides = [
         f"data.train={json.dumps([str(shards)])}",
@@ -116,7 +116,7 @@ def train_step(cfg: DemoConfig, world: Path, shards: Path, run_dir: Path) -> dic
         if summary.get("config") == train_cfg.to_dict():
             print(f"train: cached in {run_dir}")
             return summary
-    summary = train(train_cfg)
+    summary = run(train_cfg)
     summary_path.write_text(json.dumps({**summary, "config": train_cfg.to_dict()}, default=str))
     return summary
 

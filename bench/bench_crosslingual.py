@@ -66,9 +66,9 @@ def run_adapters(
 ) -> dict:
     from babelcap.models.clip import load_clip
     from babelcap.training import adapters as ad
-    from babelcap.training.alignment import AlignmentMethod
     from babelcap.training.config import TrainConfig
     from babelcap.training.evaluate import world_eval_data
+    from babelcap.training.runs import run
 
     data = world_eval_data(world, ["en", *LANGS], "test")
     results: dict = {}
@@ -116,7 +116,7 @@ def run_adapters(
             }
         )
         start = time.perf_counter()
-        summary = AlignmentMethod.run(cfg)
+        summary = run(cfg)
         seconds = time.perf_counter() - start
         bundle = load_clip(str(base))
         ad.load_language_adapters(bundle.model, summary["adapter"])
@@ -145,7 +145,7 @@ def run_continual(
     batch: int,
 ) -> dict:
     from babelcap.training.config import TrainConfig
-    from babelcap.training.continual import ContinualMethod
+    from babelcap.training.runs import run
 
     results = {}
     for teir in (False, True):
@@ -162,7 +162,7 @@ def run_continual(
                 },
                 "method": {
                     "name": "continual",
-                    "options": {"teir": teir, "vocab_size": 400, "eval_world": str(world)},
+                    "options": {"teir": teir, "vocab_size": 400, "eval_data": f"world:{world}"},
                 },
                 "optim": {"lr": 2e-3, "warmup_steps": 10, "max_steps": steps, "weight_decay": 0.1},
                 # resume: stages already trained with these settings are reused (evaluated again)
@@ -177,7 +177,7 @@ def run_continual(
             }
         )
         start = time.perf_counter()
-        res = ContinualMethod.run(cfg)
+        res = run(cfg)
         results[name] = {
             k: res[k]
             for k in ("AA", "F", "F_en", "per_stage", "matrix", "vocab_size", "heatmap", "csv")

@@ -118,7 +118,7 @@ def train_and_eval(
     from babelcap.training import adapters as per_language
     from babelcap.training.config import load_config
     from babelcap.training.evaluate import evaluate
-    from babelcap.training.trainer import run
+    from babelcap.training.runs import run
 
     overrides = [
         f"data.train={json.dumps([str(recipe.shards)])}",

@@ -183,13 +183,13 @@ def run_one(config: str, batch: int, steps: int, device: str) -> dict:
     from babelcap.models.clip import count_parameters
     from babelcap.training.config import MethodConfig
     from babelcap.training.lit import enable_grad_checkpointing
-    from babelcap.training.methods import build_method
+    from babelcap.training.methods import ClipMethod
 
     runtime_rss = psutil.Process().memory_info().rss
     torch.manual_seed(0)
     embeddings = config.endswith("embeddings")
     bundle = build_model(drop_image_tower=embeddings)
-    method = build_method(
+    method = ClipMethod(
         MethodConfig(text_tower="lora", lora={"r": 8, "alpha": 8, "modules_to_save": ["proj"]})
     )
     model = method.setup(bundle.model)

@@ -60,13 +60,17 @@ def _row(i: int) -> dict:
     ],
 )
 def test_pairings_select_the_linked_pairs(tmp_path, pairing, student):
-    from babelcap.training.data import CaptionSelection, ShardStream, StreamConfig, find_shards
+    from babelcap.core.shards import find_shards
+    from babelcap.training.data import CaptionSelection, ShardStream, StreamConfig
 
     path = tmp_path / "shard.parquet"
     write_shard(str(path), [_row(i) for i in range(4)])
-    cfg = TrainConfig.from_dict({"data": {"train": [str(path)], "languages": ["en", "pt"]}})
-    apply_pairing(cfg, pairing)
+    asked = TrainConfig.from_dict({"data": {"train": [str(path)], "languages": ["en", "pt"]}})
+    cfg = apply_pairing(asked, pairing)
     assert cfg.data.with_source and tuple(cfg.data.origins) == PAIRINGS[pairing].origins
+    # A copy: the user's configuration keeps its own selection.
+    assert not asked.data.with_source and asked.data.origins is None
+    assert asked.data.languages == ["en", "pt"]
     stream = ShardStream(
         find_shards(cfg.data.train),
         CaptionSelection(languages=tuple(cfg.data.languages), origins=tuple(cfg.data.origins)),
@@ -172,9 +176,15 @@ def test_alignment_with_language_adapters_learns(world_dir, base_dir, tmp_path):
             },
         }
     )
-    summary = AlignmentMethod.run(cfg)
+    from babelcap.training.runs import run
+
+    asked = cfg.to_dict()
+    summary = run(cfg)
+    assert cfg.to_dict() == asked  # the driver trains on a copy
     adapter_dir = Path(summary["adapter"])
     assert sorted(ad.adapter_dirs(adapter_dir)) == ["es", "pt"]
+    # One merged checkpoint would hold one adapter only: per-language runs export none.
+    assert summary["export"] is None and not (tmp_path / "run" / "export").exists()
 
     data = world_eval_data(world_dir, ["en", "pt", "es"], "test", max_captions=2)
     before = ad.evaluate_with_adapters(load_clip(str(base_dir)), data, zero_shot=False)
@@ -193,6 +203,7 @@ def test_alignment_with_language_adapters_learns(world_dir, base_dir, tmp_path):
 
 
 def _trainer(world_dir, base_dir, tmp_path, adapters: str):
+    from babelcap.training.runs import build_method
     from babelcap.training.trainer import Trainer
     from babelcap.training.world_shards import write_world_shards
 
@@ -208,7 +219,7 @@ def _trainer(world_dir, base_dir, tmp_path, adapters: str):
             "run": {"output_dir": str(tmp_path / "run"), "grad_checkpointing": True},
         }
     )
-    return Trainer(cfg)
+    return Trainer(cfg, method=build_method)
 
 
 @pytest.mark.parametrize("adapters", ["per_language", "shared"])

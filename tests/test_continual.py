@@ -64,7 +64,11 @@ def base_dir(world_models) -> Path:
 def test_vocabulary_extension_is_used_and_reloads(world_dir, base_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from babelcap.training.continual import extend_tokenizer, token_usage, train_vocabulary
+    from babelcap.training.continual.vocabulary import (
+        extend_tokenizer,
+        token_usage,
+        train_vocabulary,
+    )
     from babelcap.world.load import load_gold
 
     tok = AutoTokenizer.from_pretrained(base_dir / "text")
@@ -93,7 +97,7 @@ def test_vocabulary_extension_is_used_and_reloads(world_dir, base_dir, tmp_path)
 
 def test_teir_initialisation_statistics(base_dir):
     from babelcap.models.clip import load_clip
-    from babelcap.training.continual import grow_embeddings, word_embeddings
+    from babelcap.training.continual.token_embeddings import grow_embeddings, word_embeddings
 
     bundle = load_clip(str(base_dir))
     emb = word_embeddings(bundle.model)
@@ -125,7 +129,7 @@ def test_teir_initialisation_statistics(base_dir):
 
 
 def test_teir_row_scale():
-    from babelcap.training.continual import teir_row_scale
+    from babelcap.training.continual.token_embeddings import teir_row_scale
 
     scale = teir_row_scale(10, current={4, 5, 6, 7}, earlier=[{5, 6}, {6, 8}], special_ids=[0, 7])
     expected = torch.tensor([0, 0, 0, 0, 1, 1 / 2, 1 / 3, 0, 0, 0])
@@ -135,7 +139,7 @@ def test_teir_row_scale():
 
 
 def test_row_scaled_update_scales_gradient_and_decay():
-    from babelcap.training.continual import RowScaledUpdate
+    from babelcap.training.continual.token_embeddings import RowScaledUpdate
 
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4, 3))
@@ -177,6 +181,7 @@ def _config(
     teir: bool,
     languages: list[str],
     steps: int,
+    evaluate: bool = True,
 ):
     from babelcap.training.config import TrainConfig
 
@@ -195,7 +200,8 @@ def _config(
                 "options": {
                     "teir": teir,
                     "vocab_size": 300,
-                    "eval_world": str(world_dir),
+                    # Mean recall after every stage (the accuracy matrix), or none at all.
+                    "eval_data": f"world:{world_dir}" if evaluate else None,
                     "eval_max_captions": 2,
                 },
             },
@@ -215,13 +221,15 @@ def _config(
 def test_continual_learns_and_only_embeddings_change(world_dir, base_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from babelcap.training.continual import ContinualMethod
+    from babelcap.training.runs import run
 
     shards = _shards(world_dir, base_dir, tmp_path, ["en", "hi"])
     cfg = _config(
         base_dir, shards, tmp_path / "run", world_dir, teir=True, languages=["hi"], steps=60
     )
-    result = ContinualMethod.run(cfg)
+    asked = cfg.to_dict()
+    result = run(cfg)
+    assert cfg.to_dict() == asked  # the stages train on copies; the user's config is as it was
 
     # Learning: Hindi mean recall measurably up; English kept.
     acc = result["matrix"]["mean_recall"]
@@ -259,14 +267,20 @@ def test_plain_mode_moves_rows_outside_the_language(world_dir, base_dir, tmp_pat
     """Without TEIR, weight decay reaches every row: the contrast TEIR is there for."""
     from safetensors.torch import load_file
 
-    from babelcap.training.continual import ContinualMethod
+    from babelcap.training.runs import run
 
     shards = _shards(world_dir, base_dir, tmp_path, ["en", "pt"])
     cfg = _config(
-        base_dir, shards, tmp_path / "run", world_dir, teir=False, languages=["pt"], steps=8
+        base_dir,
+        shards,
+        tmp_path / "run",
+        world_dir,
+        teir=False,
+        languages=["pt"],
+        steps=8,
+        evaluate=False,
     )
-    cfg.method.options["eval_world"] = None
-    ContinualMethod.run(cfg)
+    run(cfg)
     before = load_file(str(base_dir / "open_clip_model.safetensors"))
     after = load_file(
         str(tmp_path / "run" / "stage-1-pt" / "export" / "open_clip_model.safetensors")
@@ -286,17 +300,25 @@ def test_plain_mode_moves_rows_outside_the_language(world_dir, base_dir, tmp_pat
 def test_resume_reuses_finished_stages_even_after_a_move(world_dir, base_dir, tmp_path):
     import shutil
 
-    from babelcap.training.continual import ContinualMethod
+    from babelcap.training.runs import run
 
     shards = _shards(world_dir, base_dir, tmp_path, ["en", "pt"])
-    cfg = _config(base_dir, shards, tmp_path / "a", world_dir, teir=True, languages=["pt"], steps=4)
-    cfg.method.options["eval_world"] = None
-    first = ContinualMethod.run(cfg)
+    cfg = _config(
+        base_dir,
+        shards,
+        tmp_path / "a",
+        world_dir,
+        teir=True,
+        languages=["pt"],
+        steps=4,
+        evaluate=False,
+    )
+    first = run(cfg)
     weights = tmp_path / "a" / "stage-1-pt" / "export" / "open_clip_model.safetensors"
     stamp = weights.stat().st_mtime_ns
     shutil.move(tmp_path / "a", tmp_path / "b")
-    cfg.run.output_dir, cfg.run.resume = str(tmp_path / "b"), True
-    again = ContinualMethod.run(cfg)
+    cfg = cfg.updated({"run.output_dir": str(tmp_path / "b"), "run.resume": True})
+    again = run(cfg)
     assert again["stages"][0]["resumed"] is True
     moved = tmp_path / "b" / "stage-1-pt" / "export" / "open_clip_model.safetensors"
     assert again["export"] == str(moved) != first["export"]
@@ -305,6 +327,6 @@ def test_resume_reuses_finished_stages_even_after_a_move(world_dir, base_dir, tm
     state_file = moved.parent / "continual_state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "run_start": "some-other-model"}))
-    third = ContinualMethod.run(cfg)
+    third = run(cfg)
     assert third["stages"][0].get("resumed") is not True
     assert json.loads(state_file.read_text())["run_start"] == state["run_start"]

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from babelcap.core import schema
+from babelcap.core.shards import find_shards
 from babelcap.models.clip import image_tower_id, load_clip
 from babelcap.training.config import TrainConfig, load_config
-from babelcap.training.data import CaptionSelection, ShardStream, StreamConfig, find_shards
+from babelcap.training.data import CaptionSelection, ShardStream, StreamConfig
 from babelcap.training.export import merged_model
 from babelcap.training.lit import enable_grad_checkpointing, lora_parameter_formula
-from babelcap.training.methods import build_method
+from babelcap.training.runs import build_method
 from babelcap.training.trainer import Trainer, checkpoints
 from babelcap.training.world_shards import write_world_shards
 

@@ -25,14 +25,17 @@ text tower setting, e.g. CAPIVARA's LoRA, plus the alignment loss).
 Config (`method.name: alignment`, knobs under `method.options`): loss, weight, clip_weight,
 teacher, pairing, temperature, adapters, adapter {kind, r, alpha, dropout, target_modules,
 feedforward_modules, modules_to_save}, languages.
+
+This module is the method (parameters + loss) and the pairings' data selection; a run from a
+user's configuration (the pairing's captions, adapters named after `data.languages`) is
+`training.alignment_driver.run_alignment`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +44,9 @@ import torch.nn.functional as F
 
 from babelcap.models.clip import unwrap
 from babelcap.training import adapters as ad
-from babelcap.training.config import MethodConfig, TrainConfig, options_from
+from babelcap.training.config import LoraConfig, MethodConfig, TrainConfig, options_from
 from babelcap.training.lit import image_tower_locked, select_parameters
-from babelcap.training.methods import ClipMethod, register_method
+from babelcap.training.methods import ClipMethod
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ class AlignmentOptions:
     pairing: str = "native-en"
     temperature: float = 0.05
     adapters: str = "per_language"  # "per_language" | "shared" | "none"
-    adapter: dict[str, Any] = field(default_factory=dict)  # AdapterSpec fields
+    adapter: dict[str, Any] = field(default_factory=dict)  # config.LoraConfig fields
     languages: list[str] | None = None  # languages with an adapter (default: data.languages)
 
     @classmethod
@@ -116,18 +119,25 @@ def alignment_loss(
     raise ValueError(f"alignment loss must be 'mse' or 'infonce', got {kind!r}")
 
 
-def apply_pairing(cfg: TrainConfig, pairing: str) -> TrainConfig:
-    """Point the data selection at a pairing's captions (always with their English source)."""
+def pairing_changes(data: Any, pairing: str) -> dict[str, Any]:
+    """The data selection of a pairing, as changes to a configuration's `data` section
+    (`TrainConfig.updated` keys): its captions, always with their English source."""
     spec = PAIRINGS[pairing]
-    data = cfg.data
-    data.with_source = True
+    changes: dict[str, Any] = {"data.with_source": True}
     if data.origins is None:
-        data.origins = list(spec.origins)
+        changes["data.origins"] = list(spec.origins)
     if spec.english_student:
-        data.languages = ["en"]
+        changes["data.languages"] = ["en"]
     elif data.languages:
-        data.languages = [lang for lang in data.languages if lang != "en"] or data.languages
-    return cfg
+        changes["data.languages"] = [lang for lang in data.languages if lang != "en"] or list(
+            data.languages
+        )
+    return changes
+
+
+def apply_pairing(cfg: TrainConfig, pairing: str) -> TrainConfig:
+    """A copy of `cfg` whose data selection is the pairing's captions (`cfg` is not changed)."""
+    return cfg.updated(pairing_changes(cfg.data, pairing))
 
 
 class AlignmentMethod(ClipMethod):
@@ -150,6 +160,12 @@ class AlignmentMethod(ClipMethod):
         # Checkpointed layers re-run their forward in the backward pass with whatever adapter
         # is active THEN (the batch's last language): the other languages' gradients would go
         # through the wrong adapter.
+        return self.opts.adapters != "per_language"
+
+    @property
+    def merged_export(self) -> bool:
+        # A merged checkpoint holds one adapter only: per-language models are the base model +
+        # adapter/<lang>/ (training.adapters.load_language_adapters).
         return self.opts.adapters != "per_language"
 
     # -- parameters
@@ -182,7 +198,7 @@ class AlignmentMethod(ClipMethod):
             text_tower="frozen",
             train_logit_scale=cfg.train_logit_scale,
         )
-        spec = ad.AdapterSpec.from_options(self.opts.adapter)
+        spec = LoraConfig.from_options(self.opts.adapter)
         ad.add_language_adapters(model, self.adapter_names, spec)
         for name in self.adapter_names:
             size = ad.adapter_size(model, name)
@@ -263,36 +279,3 @@ class AlignmentMethod(ClipMethod):
             clip_sum += part * float(l_clip.detach())
             align_sum += part * float(l_align.detach())
         return total, {"loss_clip": clip_sum, "loss_align": align_sum}
-
-    # -- running from `babelcap train`
-    @classmethod
-    def run(cls, cfg: TrainConfig) -> dict[str, Any]:
-        """Select the pairing's captions, name the adapters after data.languages, train."""
-        from babelcap.training.trainer import train
-
-        opts = AlignmentOptions.from_options(cfg.method.options)
-        apply_pairing(cfg, opts.pairing)
-        if opts.adapters == "per_language" and not opts.languages:
-            if not cfg.data.languages:
-                raise ValueError("per-language adapters need data.languages (or --languages)")
-            cfg.method.options = {**cfg.method.options, "languages": list(cfg.data.languages)}
-        summary = train(cfg)
-        if opts.adapters == "per_language" and summary.get("export"):
-            # A merged checkpoint holds one adapter only: per-language models are the base
-            # model + adapter/<lang>/ (training.adapters.load_language_adapters).
-            import shutil
-            from pathlib import Path
-
-            shutil.rmtree(Path(summary["export"]).parent, ignore_errors=True)
-            summary["export"] = None
-            path = Path(cfg.run.output_dir) / "summary.json"
-            if path.exists():
-                path.write_text(json.dumps(summary, indent=2))
-        return summary
-
-
-def pairing_names() -> Sequence[str]:
-    return tuple(PAIRINGS)
-
-
-register_method("alignment", AlignmentMethod)

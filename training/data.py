@@ -28,12 +28,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from babelcap.core import schema
 from babelcap.core.images import decode_rgb, open_rgb
-from babelcap.core.shards import ShardSet
+from babelcap.core.shards import ShardSet, find_shards
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- shard discovery
 
 
 # ----------------------------------------------------------------------------- caption choice
@@ -68,6 +65,27 @@ class CaptionSelection:
             ranked = sorted(idx, key=lambda i: -(captions[i].get("score") or 0.0))
             chosen.update(ranked[: self.top_k])
         return [i for i in keep if i in chosen]
+
+
+def shard_captions(
+    specs: str | Sequence[str],
+    language: str,
+    origins: Sequence[str] | None,
+    limit: int | None = None,
+) -> list[str]:
+    """Caption texts of one language (and `origins`, None: all but gold) in the shards, in file
+    order, at most `limit` (e.g. to train a language's vocabulary on)."""
+    shards = find_shards(specs)
+    selection = CaptionSelection(languages=(language,), origins=tuple(origins) if origins else None)
+    texts: list[str] = []
+    dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.filesystem)
+    for batch in dataset.to_batches(columns=["captions"]):
+        for captions in batch.column("captions").to_pylist():
+            captions = captions or []
+            texts.extend(captions[i]["text"] for i in selection.select(captions))
+            if limit is not None and len(texts) >= limit:
+                return texts[:limit]
+    return texts
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -115,10 +133,6 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch = epoch
         self.skip_batches = skip_batches
-
-    def estimated_batches(self) -> int:
-        """Batches per epoch in "one" mode (one sample per row), across all ranks."""
-        return max(1, self.shards.num_rows // self.cfg.batch_size)
 
     # -- units of work: (file, row group), shuffled per epoch
     def _units(self) -> list[tuple[str, int]]:

@@ -69,7 +69,7 @@ def export_open_clip(
     if text_cfg.get("hf_model_name"):
         _save_text_files(bundle, out / "text")
         # Absolute paths so open_clip finds the tower from any working directory; our own
-        # loader (training.models) also accepts the folder after it has moved.
+        # loader (babelcap.models.clip) also accepts the folder after it has moved.
         text_cfg["hf_model_name"] = str((out / "text").resolve())
         text_cfg["hf_tokenizer_name"] = str((out / "text").resolve())
     (out / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))

@@ -1,8 +1,11 @@
 """Training methods: a method decides which parameters train and which loss they minimise.
 
-The trainer only calls `setup`, `train_mode` and `loss`, so new methods (translation
-alignment, per-language adapters, continual learning) plug in by subclassing `ClipMethod` and
-registering under a name used in `method.name` of the config.
+The trainer calls `setup`, `attach`, `train_mode` and `loss` (and saves `state_dict` in its
+checkpoints), so new methods (translation alignment, per-language adapters, continual learning)
+plug in by subclassing `ClipMethod`; `training.runs.METHODS` maps the names used in
+`method.name` to the classes. A method never imports the trainer or a driver: runs of several
+stages, or runs that derive their data selection from the method's options, are drivers
+(`training.runs.DRIVERS`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from babelcap.models.clip import unwrap
 from babelcap.training.config import MethodConfig
 from babelcap.training.lit import image_tower_locked, select_parameters
 from babelcap.training.losses import clip_loss_fn
+
+# The names `method.name` gives this module's method (CLIP contrastive training).
+CLIP_METHOD_NAMES = ("clip", "capivara")
 
 
 class ClipMethod:
@@ -33,6 +39,12 @@ class ClipMethod:
     def grad_checkpointing_safe(self) -> bool:
         """Whether re-running the forward in the backward pass (checkpointing) gives the same
         computation; not so when the forward switches modules mid-batch (per-language adapters)."""
+        return True
+
+    @property
+    def merged_export(self) -> bool:
+        """Whether the trained model is one model the trainer can export merged (`export/`); not
+        so when each language has its own adapter (a merged checkpoint holds one only)."""
         return True
 
     # -- parameters
@@ -53,6 +65,10 @@ class ClipMethod:
             },
             train_logit_scale=cfg.train_logit_scale,
         )
+
+    def attach(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+        """Called by the trainer once its optimizer exists (e.g. to hook the updates)."""
+        return None
 
     def train_mode(self, model: torch.nn.Module) -> None:
         """Train mode, but frozen towers stay in eval mode (no dropout, fixed norm stats)."""
@@ -98,16 +114,3 @@ class ClipMethod:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
-
-
-METHODS: dict[str, type[ClipMethod]] = {"clip": ClipMethod, "capivara": ClipMethod}
-
-
-def register_method(name: str, cls: type[ClipMethod]) -> None:
-    METHODS[name] = cls
-
-
-def build_method(cfg: MethodConfig, rank: int = 0, world_size: int = 1) -> ClipMethod:
-    if cfg.name not in METHODS:
-        raise ValueError(f"unknown training method {cfg.name!r}; known: {sorted(METHODS)}")
-    return METHODS[cfg.name](cfg, rank=rank, world_size=world_size)

@@ -1,9 +1,11 @@
-"""Figures: the training curve and per-language evaluation bars (matplotlib, headless)."""
+"""Figures: the training curve, per-language evaluation bars and the continual accuracy matrix
+(matplotlib, headless)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +82,41 @@ def plot_language_bars(
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_accuracy_matrix(
+    acc: Sequence[Sequence[float]],
+    stages: Sequence[str],
+    languages: Sequence[str],
+    path: str | Path,
+    title: str = "mean recall after each stage",
+) -> Path:
+    """Heatmap of a continual run's accuracy matrix (stages x languages), values written in."""
+    import numpy as np
+
+    plt = _pyplot()
+    data = np.array([[math.nan if v is None else float(v) for v in row] for row in acc])
+    fig, ax = plt.subplots(figsize=(1.2 * len(languages) + 2, 0.6 * len(stages) + 1.5))
+    im = ax.imshow(data, cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(data))))
+    ax.set_xticks(range(len(languages)), languages)
+    ax.set_yticks(range(len(stages)), stages)
+    ax.set_xlabel("evaluated language")
+    ax.set_ylabel("after stage")
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if not math.isnan(data[i, j]):
+                ax.text(
+                    j,
+                    i,
+                    f"{data[i, j]:.1f}",
+                    ha="center",
+                    va="center",
+                    color="white" if data[i, j] < 0.6 * np.nanmax(data) else "black",
+                )
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,5 +1,10 @@
 """The trainer: one loop for every method (CAPIVARA LiT+LoRA, full training, plugin methods).
 
+It trains the method it is given (an instance, or a factory called with the method config,
+rank and world size); on its own it builds only the CLIP method (`clip`, `capivara`). Methods
+by name and multi-stage runs are `training.runs` (`run(cfg)` is what `babelcap train` runs);
+this module imports no method but `ClipMethod` and no driver.
+
 AdamW + cosine schedule with warmup, gradient accumulation and clipping, autocast (bf16/fp16 on
 GPU), gradient checkpointing, a tqdm bar (loss / lr / throughput), metrics JSONL and a curve
 PNG, safetensors checkpoints with optimizer state, and exact resume (same data order onward).
@@ -14,11 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +33,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from babelcap.core.devices import resolve_device
+from babelcap.core.shards import find_shards
 from babelcap.models.clip import ClipBundle, count_parameters, image_tower_id, load_clip, unwrap
-from babelcap.training.config import TrainConfig
+from babelcap.training.config import MethodConfig, TrainConfig
 from babelcap.training.data import (
     CaptionSelection,
     ShardStream,
     StreamConfig,
     detect_embeddings,
-    find_shards,
     make_loader,
 )
 from babelcap.training.lit import enable_grad_checkpointing, image_tower_locked, is_peft_text
-from babelcap.training.methods import ClipMethod, build_method
+from babelcap.training.methods import CLIP_METHOD_NAMES, ClipMethod
 
 log = logging.getLogger(__name__)
+
+# Builds a method from (method config, rank, world size): a method class, or
+# `training.runs.build_method` (any registered method by name).
+MethodFactory = Callable[[MethodConfig, int, int], ClipMethod]
+MethodArg = ClipMethod | MethodFactory | None
 
 CKPT_DIR = "checkpoints"
 WEIGHTS = "trainable.safetensors"
@@ -111,10 +121,14 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 class Trainer:
-    """Build everything from a `TrainConfig` and run `fit()`."""
+    """Build everything from a `TrainConfig` and run `fit()`.
+
+    `method`: the method to train (an instance), or a factory called with (cfg.method, rank,
+    world_size); None builds the CLIP method, for `method.name` clip / capivara only.
+    """
 
     def __init__(
-        self, cfg: TrainConfig, bundle: ClipBundle | None = None, method: ClipMethod | None = None
+        self, cfg: TrainConfig, bundle: ClipBundle | None = None, method: MethodArg = None
     ) -> None:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
@@ -124,6 +138,8 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         seed_everything(cfg.run.seed)
 
+        # The method first: a wrong method name or option fails before any model is loaded.
+        self.method = self._build_method(method)
         if bundle is None:
             bundle = load_clip(
                 cfg.model.name,
@@ -132,7 +148,6 @@ class Trainer:
                 pretrained_text=cfg.model.pretrained_text,
             )
         self.bundle = bundle
-        self.method = method or build_method(cfg.method, self.rank, self.world_size)
         model = self.method.setup(bundle.model)
         bundle.model = model
         locked = image_tower_locked(model)
@@ -205,6 +220,7 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, opt.warmup_steps, opt.max_steps
         )
+        self.method.attach(self.optimizer, self.model)
         self.amp_dtype = autocast_dtype(cfg.run.precision, self.device)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
@@ -215,6 +231,20 @@ class Trainer:
             self.load_checkpoint(checkpoints(self.out)[-1])
 
     # ------------------------------------------------------------------ setup helpers
+    def _build_method(self, method: MethodArg) -> ClipMethod:
+        if isinstance(method, ClipMethod):
+            return method
+        if method is None:
+            name = self.cfg.method.name
+            if name not in CLIP_METHOD_NAMES:
+                raise ValueError(
+                    f"method.name is {name!r}: the trainer builds only the CLIP method "
+                    f"({', '.join(CLIP_METHOD_NAMES)}) itself; pass method= (a method or a "
+                    "factory), or train with babelcap.training.runs (every method by name)"
+                )
+            method = ClipMethod
+        return method(self.cfg.method, self.rank, self.world_size)
+
     def _embedding_mode(self, locked: bool) -> tuple[bool, str]:
         mode = self.cfg.data.embeddings
         if mode == "never":
@@ -431,8 +461,10 @@ class Trainer:
             if self.cfg.run.export:
                 from babelcap.training.export import export_adapter, export_open_clip
 
-                summary["export"] = str(
-                    export_open_clip(self.bundle, self.out / "export", model=self.raw_model)
+                summary["export"] = (
+                    str(export_open_clip(self.bundle, self.out / "export", model=self.raw_model))
+                    if self.method.merged_export
+                    else None
                 )
                 if is_peft_text(self.raw_model):
                     summary["adapter"] = str(export_adapter(self.raw_model, self.out / "adapter"))
@@ -440,27 +472,17 @@ class Trainer:
         return summary
 
 
-def train(cfg: TrainConfig, bundle: ClipBundle | None = None) -> dict[str, Any]:
-    """Train from a config; returns the run summary (also written to output_dir/summary.json)."""
-    summary = Trainer(cfg, bundle=bundle).fit()
+def train(
+    cfg: TrainConfig, bundle: ClipBundle | None = None, method: MethodArg = None
+) -> dict[str, Any]:
+    """Train from a config; returns the run summary (also written to output_dir/summary.json).
+
+    `method` as for `Trainer` (None: the CLIP method); `training.runs.train` builds any
+    registered method by name."""
+    summary = Trainer(cfg, bundle=bundle, method=method).fit()
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # rank 0 exports before anyone leaves
         dist.destroy_process_group()
     return summary
-
-
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train with the method's own driver when it has one (continual stages, per-language
-    adapters), else `train`: what `babelcap train` runs for any `method.name`."""
-    from babelcap.training import alignment, continual  # noqa: F401  (register their methods)
-    from babelcap.training.methods import METHODS
-
-    runner = getattr(METHODS.get(cfg.method.name), "run", None)
-    return runner(cfg) if runner is not None else train(cfg)
-
-
-def estimated_steps(num_rows: int, batch_size: int, epochs: float) -> int:
-    """Optimizer steps for `epochs` passes in "one caption per image" mode."""
-    return max(1, math.ceil(epochs * num_rows / batch_size))

@@ -81,7 +81,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from babelcap.training.trainer import run
+    from babelcap.training.runs import run
 
     cfg = config_from_args(args)
     if not cfg.data.train:
