@@ -201,7 +201,7 @@ def _method_lora_default() -> LoraConfig:
 
 
 class MethodConfig(ConfigModel):
-    name: str = Field("clip", description="a registered method (training.methods.METHODS)")
+    name: str = Field("clip", description="a registered method (training.runs.METHODS)")
     image_tower: Literal["locked", "trainable"] = Field(
         "locked", description='"locked" (LiT) | "trainable"'
     )

@@ -2,7 +2,7 @@
 
 The Beam pipeline does this at scale (`pipelines.clipscore` with `embed_images`); this is the
 small local version for existing shards, tests and benchmarks. Embeddings are the normalised
-output of `encode_image`, tagged with `training.models.image_tower_id(model)`.
+output of `encode_image`, tagged with `babelcap.models.clip.image_tower_id(model)`.
 """
 
 from __future__ import annotations

@@ -92,4 +92,3 @@ def resolve(code: str) -> Language:
     if script and not lang.nllb.endswith("_" + script):
         lang = replace(lang, nllb=f"{lang.nllb.split('_')[0]}_{script}")
     return lang
-
