@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -486,6 +487,41 @@ def test_local_runner_is_chosen_explicitly():
     assert opts.view_as(StandardOptions).runner == "DataflowRunner"
     assert opts.get_all_options()["project"] == "p"
     assert opts.get_all_options()["default_sdk_harness_log_level"] is None  # Dataflow's own
+
+
+def test_runner_options_leave_the_environment_alone(monkeypatch):
+    """`pipeline_options` only builds options (it used to export PYTHONPATH and the torch
+    thread count into this process, for every later test); `worker_environment` sets the
+    thread count for the workers of a local multi-process run, only while the run lasts."""
+    from babelcap.core.devices import THREADS_ENV
+    from babelcap.pipelines.runner import pipeline_options, worker_environment
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    before = dict(os.environ)
+    dataflow = ["--runner", "DataflowRunner", "--project", "p"]
+    multi = pipeline_options([], workers=2)
+    single = pipeline_options([], workers=1)
+    remote = pipeline_options(dataflow, workers=2)
+    pipeline_options(["--direct_num_workers", "3"], workers=2)
+    assert dict(os.environ) == before
+
+    with worker_environment(multi):
+        inside = dict(os.environ)
+    assert dict(os.environ) == before
+    assert 1 <= int(inside.pop(THREADS_ENV)) <= (os.cpu_count() or 1)
+    assert inside == before  # the thread count is the only change, PYTHONPATH included
+
+    for options in (single, remote):  # in-process and remote runs: nothing to set
+        with worker_environment(options):
+            assert dict(os.environ) == before
+
+    # A value the caller had comes back, also when the run fails.
+    monkeypatch.setenv(THREADS_ENV, "caller's")
+    with pytest.raises(RuntimeError, match="run failed"), worker_environment(multi):
+        assert os.environ[THREADS_ENV] != "caller's"
+        raise RuntimeError("run failed")
+    assert os.environ[THREADS_ENV] == "caller's"
+    assert {k: v for k, v in os.environ.items() if k != THREADS_ENV} == before
 
 
 # --- model stages (tiny real models, in-process runner) ----------------------------------

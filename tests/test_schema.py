@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pyarrow as pa
@@ -87,10 +88,19 @@ def test_round_trip_keeps_rows_and_metadata(tmp_path):
     assert back[1]["embedding"] is None
 
 
-def test_image_id_is_content_hash():
-    assert schema.image_id_for(b"abc") == schema.image_id_for(b"abc")
-    assert schema.image_id_for(b"abc") != schema.image_id_for(b"abd")
-    assert len(schema.image_id_for(b"abc")) == 64
+def test_image_id_is_the_sha256_the_readme_promises():
+    """README, "The shard format": `image_id` is the sha256 of the image bytes (hex), stable
+    across runs and machines. Pinned to the standard's test vectors, not to itself."""
+    # FIPS 180-2 / NIST test vectors for SHA-256.
+    assert schema.image_id_for(b"abc") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+    assert schema.image_id_for(b"") == (
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    )
+    data = b"\x89PNG any bytes at all"
+    assert schema.image_id_for(data) == hashlib.sha256(data).hexdigest()
+    # (tests/test_pipeline_e2e.py checks that the pipeline's rows carry it.)
 
 
 def test_unknown_origin_is_rejected():

@@ -107,10 +107,12 @@ def expand(spec: str) -> tuple[list[str], Any, bool]:
     return [spec], None, True
 
 
-def find_shards(specs: str | Sequence[str], kind: str | None = schema.KIND_SHARD) -> ShardSet:
+def find_shards(
+    specs: str | os.PathLike | Sequence[str | os.PathLike], kind: str | None = schema.KIND_SHARD
+) -> ShardSet:
     """Expand files / folders / globs / URIs (the rule above) into validated files of `kind`
     (None: shards and dead letters both, e.g. for `inspect`)."""
-    specs = [specs] if isinstance(specs, str) else list(specs)
+    specs = [specs] if isinstance(specs, str | os.PathLike) else list(specs)
     if not specs:
         raise FileNotFoundError("no shard paths given")
     files: list[str] = []
