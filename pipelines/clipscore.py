@@ -21,6 +21,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from babelcap.core.devices import limit_torch_threads, resolve_device
 from babelcap.core.images import decode_rgb
+from babelcap.models.clip import image_tower_id, load_clip
 from babelcap.pipelines.accounting import bump
 from babelcap.pipelines.captioning import FailedBatch
 from babelcap.pipelines.models import Loaded, local_model_path
@@ -37,23 +38,9 @@ def load_clip_model(cfg: ClipConfig) -> tuple[Any, Any, Any, str, str]:
     limit_torch_threads()
     name = local_model_path(cfg.model)
     pretrained = local_model_path(cfg.pretrained) if cfg.pretrained else None
-    try:
-        from babelcap.models.clip import image_tower_id, load_clip
-    except ImportError:  # the pipeline also runs without the training package installed
-        import open_clip
-
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device
-        )
-        tokenizer = open_clip.get_tokenizer(name)
-        model_id = f"{cfg.model}:{cfg.pretrained or ''}"
-    else:
-        bundle = load_clip(name, pretrained, device=device)
-        model, preprocess, tokenizer = bundle.model, bundle.preprocess_val, bundle.tokenizer
-        try:
-            model_id = image_tower_id(model)
-        except Exception:  # an id is informative, never worth failing for
-            model_id = f"{cfg.model}:{cfg.pretrained or ''}"
+    bundle = load_clip(name, pretrained, device=device)
+    model, preprocess, tokenizer = bundle.model, bundle.preprocess_val, bundle.tokenizer
+    model_id = image_tower_id(model)
     model.eval()
     return model, preprocess, tokenizer, device, model_id
 

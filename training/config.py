@@ -86,6 +86,11 @@ class DataConfig(ConfigModel):
     origins: list[str] | None = Field(
         None, description='caption origins to use (None: all but "gold")'
     )
+    splits: list[str] | None = Field(
+        ["train"],
+        description="rows of these `split` values (rows without a split are always read; "
+        "None: every row)",
+    )
     min_score: float | None = Field(None, description="keep captions with score >= this")
     top_k: int | None = Field(
         None, ge=1, description="per image and language, keep the k best-scored captions"
@@ -111,7 +116,7 @@ class DataConfig(ConfigModel):
     def _paths(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("languages", "origins", mode="before")
+    @field_validator("languages", "origins", "splits", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> list[str] | None:
         return _list_or_none(value)
@@ -283,6 +288,11 @@ class RunConfig(ConfigModel):
         True, description="write export/ (merged open_clip) and adapter/ (peft) at the end"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    record_training_images: bool = Field(
+        True,
+        description="write training_images.parquet (ids + perceptual hashes of the images "
+        "trained on, the base model's included) so evaluations can refuse contaminated sets",
+    )
 
 
 class TrainConfig(ConfigModel):

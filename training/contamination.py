@@ -60,7 +60,8 @@ class TrainingImages:
     """The training images by id and by pHash, with where each came from (file, row)."""
 
     image_ids: list[str] = field(default_factory=list)
-    hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    # pHash per image; None where the shard holds no bytes (only the id can be checked)
+    hashes: list[int | None] = field(default_factory=list)
     splits: list[str | None] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
@@ -87,7 +88,7 @@ class TrainingImages:
         table = pq.read_table(str(path), schema=_INDEX_SCHEMA)
         return cls(
             image_ids=table["image_id"].to_pylist(),
-            hashes=table["phash"].to_numpy(zero_copy_only=False).astype(np.uint64),
+            hashes=table["phash"].to_pylist(),
             splits=table["split"].to_pylist(),
             files=table["file"].to_pylist(),
             rows=table["row"].to_pylist(),
@@ -101,7 +102,6 @@ def index_training_images(
     rows without a split are always read, like the trainer does)."""
     shards = shards if isinstance(shards, ShardSet) else find_shards(shards)
     out = TrainingImages()
-    hashes: list[int] = []
     for path in shards.files:
         dataset = ds.dataset(path, format="parquet", filesystem=shards.filesystem)
         row = 0
@@ -110,15 +110,11 @@ def index_training_images(
                 index, row = row, row + 1
                 if not _in_splits(rec.get("split"), splits):
                     continue
-                value = _hash_of(rec.get("image"))
-                if value is None:
-                    continue  # no bytes in the shard: only its id can be checked
                 out.image_ids.append(rec["image_id"])
+                out.hashes.append(_hash_of(rec.get("image")))
                 out.splits.append(rec.get("split"))
                 out.files.append(path)
                 out.rows.append(index)
-                hashes.append(value)
-    out.hashes = np.array(hashes, dtype=np.uint64)
     return out
 
 
@@ -175,16 +171,18 @@ def check_overlap(
     known = set(training.image_ids)
     result = Overlap(eval_images=len(images), training_images=len(training))
     thumbs: dict[int, np.ndarray] = {}
+    hashed = np.array([h is not None for h in training.hashes], dtype=bool)
+    hashes = np.array([h or 0 for h in training.hashes], dtype=np.uint64)
     for i, (image, image_id) in enumerate(zip(images, image_ids, strict=True)):
         if image_id is not None and image_id in known:
             result.by_id += 1
             result.examples.append({"eval_index": i, "image_id": image_id, "match": "id"})
             continue
-        if not len(training):
+        if not hashed.any():
             continue
         im = image if isinstance(image, Image.Image) else open_rgb(image)
-        distances = hash_distances(training.hashes, phash(im))
-        candidates = np.flatnonzero(distances <= MAX_HASH_DISTANCE)
+        distances = hash_distances(hashes, phash(im))
+        candidates = np.flatnonzero((distances <= MAX_HASH_DISTANCE) & hashed)
         if not len(candidates):
             continue
         mine = thumbnail(im)
@@ -246,12 +244,10 @@ def load_run_index(model_dir: str | Path) -> TrainingImages | None:
 
 def merge(indexes: Iterable[TrainingImages]) -> TrainingImages:
     out = TrainingImages()
-    hashes = []
     for idx in indexes:
         out.image_ids += idx.image_ids
+        out.hashes += idx.hashes
         out.splits += idx.splits
         out.files += idx.files
         out.rows += idx.rows
-        hashes.append(idx.hashes)
-    out.hashes = np.concatenate(hashes) if hashes else out.hashes
     return out

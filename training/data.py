@@ -72,14 +72,16 @@ def shard_captions(
     language: str,
     origins: Sequence[str] | None,
     limit: int | None = None,
+    splits: Sequence[str] | None = ("train",),
 ) -> list[str]:
-    """Caption texts of one language (and `origins`, None: all but gold) in the shards, in file
-    order, at most `limit` (e.g. to train a language's vocabulary on)."""
+    """Caption texts of one language (and `origins`, None: all but gold) in the rows of
+    `splits` (as the trainer reads them), in file order, at most `limit` (e.g. to train a
+    language's vocabulary on)."""
     shards = find_shards(specs)
     selection = CaptionSelection(languages=(language,), origins=tuple(origins) if origins else None)
     texts: list[str] = []
     dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.filesystem)
-    for batch in dataset.to_batches(columns=["captions"]):
+    for batch in dataset.to_batches(columns=["captions"], filter=split_filter(splits)):
         for captions in batch.column("captions").to_pylist():
             captions = captions or []
             texts.extend(captions[i]["text"] for i in selection.select(captions))
@@ -102,6 +104,25 @@ class StreamConfig:
     image_root: str | None = None
     with_source: bool = False
     drop_last: bool = True
+    splits: tuple[str, ...] | None = ("train",)  # None: every row
+
+
+def split_filter(splits: Sequence[str] | None) -> Any:
+    """The rows a split filter keeps: those of `splits`, and those without a split."""
+    if splits is None:
+        return None
+    return ds.field("split").isin(list(splits)) | ds.field("split").is_null()
+
+
+def split_counts(shards: ShardSet) -> dict[str, int]:
+    """Rows per `split` value over the shards ("(none)" for rows without one)."""
+    counts: dict[str, int] = {}
+    dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.filesystem)
+    for batch in dataset.to_batches(columns=["split"]):
+        for value in batch.column("split").to_pylist():
+            key = "(none)" if value is None else value
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 class ShardStream(IterableDataset):
@@ -158,7 +179,7 @@ class ShardStream(IterableDataset):
         for path, rg in units:
             frag = fmt.make_fragment(path, filesystem=self.shards.fs, row_groups=[rg])
             try:
-                table = frag.to_table(columns=cols)
+                table = frag.to_table(columns=cols, filter=split_filter(self.cfg.splits))
             except (pa.ArrowInvalid, KeyError) as exc:
                 raise schema.SchemaError(f"{path}: cannot read columns {cols}: {exc}") from exc
             yield from ((path, row) for row in table.to_pylist())

@@ -33,15 +33,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from babelcap.core.devices import resolve_device
-from babelcap.core.shards import find_shards
+from babelcap.core.shards import ShardSet, find_shards
 from babelcap.models.clip import ClipBundle, count_parameters, image_tower_id, load_clip, unwrap
 from babelcap.training.config import MethodConfig, TrainConfig
+from babelcap.training.contamination import (
+    INDEX_FILE,
+    index_training_images,
+    load_run_index,
+    merge,
+)
 from babelcap.training.data import (
     CaptionSelection,
     ShardStream,
     StreamConfig,
     detect_embeddings,
     make_loader,
+    split_counts,
 )
 from babelcap.training.lit import enable_grad_checkpointing, image_tower_locked, is_peft_text
 from babelcap.training.methods import CLIP_METHOD_NAMES, ClipMethod
@@ -163,13 +170,18 @@ class Trainer:
 
         # Data: the embedding column replaces the image tower only when it is fully locked.
         self.shards = find_shards(cfg.data.train)
+        self.splits = self._split_rows(cfg.data.splits)
         self.use_embeddings, why = self._embedding_mode(locked)
         log.info(
-            "data: %d shard(s), %d rows; %s",
+            "data: %d shard(s), %d rows; trains on %s%s; %s",
             len(self.shards.files),
             self.shards.num_rows,
+            _counts(self.splits["trained"]),
+            f", skips {_counts(self.splits['skipped'])}" if self.splits["skipped"] else "",
             "embeddings: " + why,
         )
+        if self.rank == 0 and cfg.run.record_training_images:
+            record_training_images(self.out, self.shards, cfg.data.splits, cfg.model.name)
         if self.use_embeddings and self.device.type != "cpu" and self.world_size == 1:
             # The image tower never runs: leave it in host memory, off the accelerator.
             visual, model.visual = model.visual, torch.nn.Identity()
@@ -204,6 +216,7 @@ class Trainer:
                 image_root=data.image_root,
                 with_source=data.with_source,
                 drop_last=data.drop_last,
+                splits=tuple(data.splits) if data.splits is not None else None,
             ),
             tokenizer=bundle.tokenizer,
             preprocess=bundle.preprocess_train if data.augment else bundle.preprocess_val,
@@ -244,6 +257,18 @@ class Trainer:
                 )
             method = ClipMethod
         return method(self.cfg.method, self.rank, self.world_size)
+
+    def _split_rows(self, splits: list[str] | None) -> dict[str, dict[str, int]]:
+        """Rows per split value, as trained on and as skipped by the split filter."""
+        counts = split_counts(self.shards)
+        trained = {k: n for k, n in counts.items() if splits is None or k in (*splits, "(none)")}
+        skipped = {k: n for k, n in counts.items() if k not in trained}
+        if not trained:
+            raise ValueError(
+                f"no rows of the splits {splits} in {self.cfg.data.train} (the shards hold "
+                f"{_counts(counts)}); set data.splits to the ones to train on"
+            )
+        return {"trained": trained, "skipped": skipped}
 
     def _embedding_mode(self, locked: bool) -> tuple[bool, str]:
         mode = self.cfg.data.embeddings
@@ -450,6 +475,7 @@ class Trainer:
             "parameters": self.params,
             "trainable_percent": 100.0 * self.params["trainable"] / max(1, self.params["total"]),
             "embeddings": self.use_embeddings,
+            "splits": self.splits,
             "checkpoint": str(ckpt) if ckpt else None,
             "output_dir": str(self.out),
         }
@@ -468,8 +494,41 @@ class Trainer:
                 )
                 if is_peft_text(self.raw_model):
                     summary["adapter"] = str(export_adapter(self.raw_model, self.out / "adapter"))
+                index = self.out / INDEX_FILE
+                # The model carries what it was trained on, wherever it is copied
+                # (`export` names the model's config file, `adapter` its folder).
+                folders = [Path(summary[k]).parent for k in ("export",) if summary.get(k)]
+                folders += [Path(summary["adapter"])] if summary.get("adapter") else []
+                for folder in folders:
+                    if index.is_file() and folder.resolve() != self.out.resolve():
+                        shutil.copyfile(index, folder / INDEX_FILE)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {split}" for split, n in counts.items()) or "no rows"
+
+
+def record_training_images(
+    out: Path, shards: ShardSet, splits: list[str] | None, base_model: str
+) -> Path:
+    """Write `out/training_images.parquet`: the images of the rows this run trains on and those
+    the base model's run recorded (a contamination check must see both)."""
+    path = out / INDEX_FILE
+    stamp = out / (INDEX_FILE + ".json")
+    key = {"files": list(shards.files), "splits": splits, "base_model": base_model}
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == key:
+        return path  # a resumed run: already recorded
+    out.mkdir(parents=True, exist_ok=True)
+    index = index_training_images(shards, splits)
+    base = load_run_index(base_model) if Path(base_model).is_dir() else None
+    if base is not None:
+        index = merge([base, index])
+    index.save(path)
+    stamp.write_text(json.dumps(key))
+    log.info("recorded %d training images in %s", len(index), path)
+    return path
 
 
 def train(

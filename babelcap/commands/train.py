@@ -95,6 +95,11 @@ def _train(args: argparse.Namespace) -> int:
         f"{summary['parameters']['total']:,} parameters "
         f"({summary['trainable_percent']:.3f}%) -> {summary['output_dir']}"
     )
+    splits = summary.get("splits")
+    if splits:
+        line = ", ".join(f"{n} {k}" for k, n in splits["trained"].items())
+        skipped = ", ".join(f"{n} {k}" for k, n in splits["skipped"].items())
+        print(f"rows trained on: {line}" + (f" (skipped: {skipped})" if skipped else ""))
     for key in ("export", "adapter"):
         if key in summary:
             print(f"{key}: {summary[key]}")

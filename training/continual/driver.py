@@ -96,7 +96,11 @@ class ContinualRun:
         base = self.opts.base_language
         if self.opts.count_base_language:
             texts = shard_captions(
-                self.cfg.data.train, base, schema.ORIGINS, self.opts.max_vocab_captions
+                self.cfg.data.train,
+                base,
+                schema.ORIGINS,
+                self.opts.max_vocab_captions,
+                splits=self.cfg.data.splits,
             )
             if texts:
                 usage[base] = sorted(token_usage(bundle.tokenizer.tokenizer, texts))
@@ -181,7 +185,9 @@ class ContinualRun:
         cfg, opts = self.cfg, self.opts
         bundle = load_clip(current)
         hf_tok = bundle.tokenizer.tokenizer
-        texts = shard_captions(cfg.data.train, lang, cfg.data.origins, opts.max_vocab_captions)
+        texts = shard_captions(
+            cfg.data.train, lang, cfg.data.origins, opts.max_vocab_captions, cfg.data.splits
+        )
         if not texts:
             raise ValueError(f"no {lang!r} captions in the shards {cfg.data.train}")
         pieces = train_vocabulary(texts, opts.vocab_size)
