@@ -1,6 +1,7 @@
 """Wire the stages into one Beam pipeline. No logic of its own: each stage is a module.
 
     read (sources) -> decode + checks (decode) -> drop duplicate images (dedup)
+    -> drop / flag an evaluation set's images (decontaminate, optional)
     -> caption (captioning, RunInference) -> English filters (filters)
     -> CLIP scores / embeddings (clipscore, RunInference) -> CAPIVARA selection (filters)
     -> translate (translation, RunInference) -> translation filters (filters)
@@ -20,6 +21,7 @@ from babelcap.pipelines.captioning import Caption
 from babelcap.pipelines.clipscore import ClipScore
 from babelcap.pipelines.deadletter import DEAD, reject
 from babelcap.pipelines.decode import DecodeImages
+from babelcap.pipelines.decontaminate import DropEvalImages
 from babelcap.pipelines.dedup import DropDuplicateImages
 from babelcap.pipelines.filters import FilterEnglish, FilterTranslations, SelectCaptions
 from babelcap.pipelines.options import AugmentConfig
@@ -63,6 +65,16 @@ def build(
     decoded = records | "Decode" >> beam.ParDo(DecodeImages(config)).with_outputs(DEAD, main="ok")
     records, duplicates = decoded.ok | "DedupImages" >> DropDuplicateImages()
     dead = [read_dead, decoded[DEAD], duplicates]
+    if config.decontaminate is not None:
+        checked = records | "Decontaminate" >> beam.ParDo(
+            DropEvalImages(
+                config.decontaminate.fingerprints,
+                config.decontaminate.mode,
+                config.max_image_pixels,
+            )
+        ).with_outputs(DEAD, main="ok")
+        records = checked.ok
+        dead.append(checked[DEAD])
 
     if config.captioner is not None:
         records, failed = records | "Caption" >> Caption(

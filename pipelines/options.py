@@ -102,6 +102,21 @@ class ClipConfig(FrozenConfigModel):
     device: str = Field("auto", description="auto | cpu | cuda")
 
 
+class DecontaminateConfig(FrozenConfigModel):
+    """Keep an evaluation set's images out of the output (stage "decontaminate")."""
+
+    fingerprints: str = Field(
+        description="Parquet file of the evaluation images' ids, pHashes and thumbnails "
+        "(`babelcap augment --decontaminate SPEC` writes it from an evaluation dataset)"
+    )
+    mode: Literal["drop", "flag"] = Field(
+        "drop",
+        description='"drop": dead-letter matches (matches_eval_set); "flag": keep them with '
+        'split "eval_overlap", which the trainer never reads by default',
+    )
+    source: str | None = Field(None, description="the evaluation dataset it was made from")
+
+
 class AugmentConfig(FrozenConfigModel):
     """One augmentation run: input, models, filters, output."""
 
@@ -138,6 +153,7 @@ class AugmentConfig(FrozenConfigModel):
         None, ge=1, description='with store_image "reencode": longest side in pixels'
     )
     text: TextFilterConfig = Field(default_factory=TextFilterConfig)
+    decontaminate: DecontaminateConfig | None = None
     num_shards: int | None = Field(
         None, ge=1, description="fixed number of shards (default: from rows_per_shard)"
     )

@@ -16,6 +16,7 @@ the same parser).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from babelcap.core.config import Flag, add_flags, apply_flags, interpolate, read_config
 
@@ -99,6 +100,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. clip.score_threshold=0.2 (value parsed as YAML)",
     )
     add_flags(parser, AugmentConfig, FLAGS)
+    dec = parser.add_argument_group("decontamination")
+    dec.add_argument(
+        "--decontaminate",
+        metavar="SPEC",
+        help="keep the images of this evaluation dataset out of the output (world:DIR, "
+        "shards:PATH, xm3600:DIR, ...: any `babelcap eval --data` spec); matched by image id "
+        "and by perceptual hash, so resized or re-encoded copies are caught",
+    )
+    dec.add_argument(
+        "--decontaminate-mode",
+        choices=["drop", "flag"],
+        default=None,
+        help='drop matches to the dead letters (default) or keep them with split "eval_overlap"',
+    )
+    dec.add_argument(
+        "--decontaminate-split",
+        default="test",
+        help="split of the evaluation dataset (default test; 'all' for every split)",
+    )
+    dec.add_argument(
+        "--decontaminate-languages",
+        default="en",
+        help="caption languages to read the evaluation dataset in (its images are what count)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
 
 
@@ -110,7 +135,46 @@ def config_from_args(args: argparse.Namespace):
 
     data = apply_overrides(read_config(args.config), args.overrides)
     data = apply_flags(data, args, AugmentConfig, FLAGS)
-    return AugmentConfig.from_dict(interpolate(data), source=args.config)
+    config = AugmentConfig.from_dict(interpolate(data), source=args.config)
+    if getattr(args, "decontaminate", None):
+        section = {
+            "fingerprints": eval_fingerprints(args, config.output),
+            "mode": args.decontaminate_mode or "drop",
+            "source": args.decontaminate,
+        }
+        config = config.updated({"decontaminate": section})
+    elif getattr(args, "decontaminate_mode", None) and config.decontaminate is not None:
+        config = config.updated({"decontaminate.mode": args.decontaminate_mode})
+    return config
+
+
+FINGERPRINTS_FILE = "_eval_fingerprints.parquet"  # "_": never read as a shard
+
+
+def eval_fingerprints(args: argparse.Namespace, output: str) -> str:
+    """Fingerprint the evaluation dataset `--decontaminate SPEC` into OUTPUT (any Beam
+    filesystem) and return the file's path."""
+    import io
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from babelcap.core.lists import parse_list
+    from babelcap.core.near_duplicates import Fingerprints
+    from babelcap.training.eval_data import load_eval_data
+
+    split = None if args.decontaminate_split == "all" else args.decontaminate_split
+    data = load_eval_data(args.decontaminate, parse_list(args.decontaminate_languages), split=split)
+    if not data.images:
+        raise ValueError(f"--decontaminate {args.decontaminate}: no images (split {split})")
+    buf = io.BytesIO()
+    Fingerprints.of(data.images, data.image_ids or [None] * len(data.images)).save(buf)
+    if "://" not in output:
+        Path(output).mkdir(parents=True, exist_ok=True)
+    path = FileSystems.join(output, FINGERPRINTS_FILE)
+    with FileSystems.create(path) as f:
+        f.write(buf.getvalue())
+    print(f"decontaminate: {len(data.images)} images of {args.decontaminate} -> {path}")
+    return path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
