@@ -49,19 +49,12 @@ def _step(name: str) -> float:
 
 
 def build_world_step(cfg: DemoConfig, world: Path) -> None:
-    from babelcap.world.build import GENERATOR_VERSION, build_world
+    from babelcap.world.build import ensure_world, is_built
 
-    meta = world / "world.json"
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        if (info.get("n_images"), info.get("seed"), info.get("version")) == (
-            cfg.images,
-            cfg.seed,
-            GENERATOR_VERSION,
-        ):
-            print(f"world: cached in {world}")
-            return
-    build_world(world, n_images=cfg.images, seed=cfg.seed)
+    params = {"n_images": cfg.images, "seed": cfg.seed}
+    if is_built(world, **params):
+        print(f"world: cached in {world}")
+    ensure_world(world, **params)
 
 
 def augment_step(cfg: DemoConfig, world: Path, augment_dir: Path) -> dict[str, Any]:
@@ -123,10 +116,11 @@ def train_step(cfg: DemoConfig, world: Path, shards: Path, run_dir: Path) -> dic
 
 def eval_step(cfg: DemoConfig, world: Path, run_dir: Path, report: Path) -> dict[str, Any]:
     from babelcap.models.clip import load_clip
-    from babelcap.training.evaluate import evaluate, save_report, world_eval_data
+    from babelcap.training.eval_data import load_eval_data
+    from babelcap.training.evaluate import evaluate, save_report
     from babelcap.world.models import model_dir
 
-    data = world_eval_data(world, cfg.eval_languages, split="test")
+    data = load_eval_data(f"world:{world}", cfg.eval_languages, split="test")
     results = {}
     for label, path in (("base", model_dir(world, "clip-base")), ("capivara", run_dir / "export")):
         results[label] = evaluate(load_clip(str(path)), data, name=label)
@@ -136,12 +130,13 @@ def eval_step(cfg: DemoConfig, world: Path, run_dir: Path, report: Path) -> dict
 
 def examples_step(cfg: DemoConfig, shards: Path, report: Path) -> list[dict[str, Any]]:
     """A few images with every caption the pipeline wrote for them."""
-    import io
-
     import pyarrow.dataset as ds
     from PIL import Image
 
-    files = sorted(str(p) for p in shards.glob("*.parquet"))
+    from babelcap.core.images import decode_rgb
+    from babelcap.core.shards import find_shards
+
+    files = list(find_shards(shards).files)
     out = report / "examples"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -150,7 +145,7 @@ def examples_step(cfg: DemoConfig, shards: Path, report: Path) -> list[dict[str,
     )
     for row in table.to_pylist():
         name = f"{row['image_id'][:12]}.png"
-        img = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+        img = decode_rgb(row["image"]["bytes"])
         img.resize((img.width * 3, img.height * 3), Image.NEAREST).save(out / name)
         rows.append({"image": f"examples/{name}", "captions": row["captions"]})
     return rows
@@ -178,6 +173,8 @@ def write_report(
     run_dir: Path,
     seconds: dict[str, float],
 ) -> Path:
+    from babelcap.training.evaluate import to_markdown
+
     curve = run_dir / "training_curve.png"
     if curve.exists():
         shutil.copy(curve, report / "training_curve.png")
@@ -197,8 +194,11 @@ def write_report(
         "",
         "![mean recall per language](eval/mean_recall.png)",
         "",
-        "Full table (R@1/5/10 both directions, zero-shot shape/colour accuracy): "
-        "[eval/results.md](eval/results.md).",
+        "Full table (R@1/5/10 both directions; zero-shot accuracy per task the world "
+        "provides, `zs_shape` and `zs_colour`), also in [eval/results.md](eval/results.md) "
+        "and [eval/results.json](eval/results.json):",
+        "",
+        to_markdown(results).split("\n\n")[0],  # the per-model table (the change is above)
         "",
         "## Training",
         "",
@@ -228,54 +228,24 @@ def write_report(
     return report / "index.md"
 
 
-def _html(markdown: str) -> str:
-    """A tiny Markdown-to-HTML for the report page (headings, tables, lists, images)."""
-    body: list[str] = []
-    in_table = in_list = False
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-: "):
-                continue
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("- "):
-            if not in_list:
-                body.append("<ul>")
-                in_list = True
-            body.append(f"<li>{html.escape(line[2:])}</li>")
-            continue
-        if in_list:
-            body.append("</ul>")
-            in_list = False
-        if line.startswith("!["):
-            alt, src = line[2:].split("](", 1)
-            body.append(
-                f'<p><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}"></p>'
-            )
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    if in_list:
-        body.append("</ul>")
-    style = (
-        "body{font-family:sans-serif;max-width:900px;margin:2em auto}"
-        "td{border:1px solid #ccc;padding:2px 8px}table{border-collapse:collapse}"
-        "img{max-width:100%}"
-    )
+_STYLE = (
+    "body{font-family:sans-serif;max-width:900px;margin:2em auto;padding:0 1em;line-height:1.4}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "th,td{border:1px solid #ccc;padding:2px 8px}th{background:#f3f3f3}"
+    "code{background:#f3f3f3;padding:0 3px;border-radius:3px}"
+    "img{max-width:100%}"
+)
+
+
+def _html(markdown: str, title: str = "babelcap demo") -> str:
+    """The report page: Markdown rendered by markdown-it-py (CommonMark with tables); raw HTML
+    in the text (captions are data) is escaped, not passed through."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>babelcap demo</title>"
-        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>\n{body}</body></html>\n"
     )
 
 

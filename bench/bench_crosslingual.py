@@ -33,16 +33,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 LANGS = ["pt", "es", "de", "hi"]
 
 
-def prepare(world: Path, n_images: int, shards: Path | None, out: Path) -> tuple[Path, list[str]]:
-    """World + base CLIP (built when missing) and training shards with image embeddings."""
+def prepare(world: Path, shards: Path | None, out: Path) -> tuple[Path, list[str]]:
+    """Base CLIP of a built world (built when missing) and training shards with image
+    embeddings."""
     from babelcap.models.clip import load_clip
     from babelcap.training.embeddings import embed_shards
-    from babelcap.training.world_shards import write_world_shards
-    from babelcap.world.build import build_world
     from babelcap.world.models import build_models, model_dir
+    from babelcap.world.shards import write_world_shards
 
-    if not (world / "world.json").exists():
-        build_world(world, n_images=n_images, seed=11, image_size=64, progress=False)
     build_models(world, only=["clip-base"])
     base = model_dir(world, "clip-base")
     if shards is None:
@@ -67,10 +65,10 @@ def run_adapters(
     from babelcap.models.clip import load_clip
     from babelcap.training import adapters as ad
     from babelcap.training.config import TrainConfig
-    from babelcap.training.evaluate import world_eval_data
+    from babelcap.training.eval_data import load_eval_data
     from babelcap.training.runs import run
 
-    data = world_eval_data(world, ["en", *LANGS], "test")
+    data = load_eval_data(f"world:{world}", ["en", *LANGS], "test")
     results: dict = {}
     base_eval = ad.evaluate_with_adapters(load_clip(str(base)), data, "base", zero_shot=False)
     results["base"] = {lang: m["mean_recall"] for lang, m in base_eval["languages"].items()}
@@ -270,14 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     adapter_steps = args.adapter_steps or adapter_steps
     continual_steps = args.continual_steps or continual_steps
     out = args.out / ("quick" if args.quick else "full")
-    test_world = REPO / ".cache" / "test-world"  # the tests' world (400 images), if built
-    world = args.world or (
-        test_world
-        if args.quick and (test_world / "world.json").exists()
-        else args.out / f"world-{n_images}"
-    )
+    from babelcap.world.build import TEST_WORLD, ensure_world
+
+    if args.world:  # a built world, used as it is
+        world = args.world
+    elif args.quick:  # the tests' world (400 images)
+        world = ensure_world(REPO / ".cache" / "test-world", progress=False, **TEST_WORLD)
+    else:
+        world = ensure_world(
+            args.out / f"world-{n_images}", n_images=n_images, seed=11, progress=False
+        )
     start = time.perf_counter()
-    base, files = prepare(world, n_images, args.shards, out)
+    base, files = prepare(world, args.shards, out)
     origins = ["translated"] if args.shards else None
     res = {
         "quick": args.quick,

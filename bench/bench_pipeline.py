@@ -42,12 +42,9 @@ LANGS = ["pt", "es"]  # target languages (the world's marian-en-pt serves pt onl
 
 
 def build_world(root: Path, n: int) -> Path:
-    from babelcap.world.build import build_world as build
+    from babelcap.world.build import ensure_world
 
-    out = root / f"world-{n}"
-    if not (out / "world.json").exists():
-        build(out, n_images=n, seed=11, progress=False)
-    return out
+    return ensure_world(root / f"world-{n}", n_images=n, seed=11, progress=False)
 
 
 def resolve_models(args, root: Path) -> dict[str, str]:

@@ -253,9 +253,10 @@ def main() -> int:
         seeds = seeds[:2]
 
     from babelcap.models.clip import load_clip
-    from babelcap.training.evaluate import evaluate, world_eval_data
-    from babelcap.training.world_shards import write_world_shards
+    from babelcap.training.eval_data import load_eval_data
+    from babelcap.training.evaluate import evaluate
     from babelcap.world.models import STAMP, build_models, model_dir
+    from babelcap.world.shards import write_world_shards
 
     world = Path(args.world).resolve() if args.world else default_world(args.quick)
     os.environ["BABELCAP_WORLD"] = str(world)
@@ -265,7 +266,7 @@ def main() -> int:
     stamps = [world / "world.json", *(model_dir(world, m) / STAMP for m in models)]
     key = hashlib.sha256(b"".join(p.read_bytes() for p in stamps)).hexdigest()[:10]
     out = Path(args.out).resolve() / f"{world.name}-{key}"
-    data = world_eval_data(world, LANGUAGES, split="test")
+    data = load_eval_data(f"world:{world}", LANGUAGES, split="test")
 
     print("[quality] augmenting (Beam) ...", flush=True)
     shards = {

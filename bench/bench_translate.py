@@ -55,10 +55,6 @@ def world_models(world: Path) -> Path:
     """The world's Marian model (built if missing): DIR/models/marian-en-pt/{hf,ct2}."""
     from babelcap.world.models import build_models, model_dir
 
-    if not (world / "world.json").exists():
-        from babelcap.world.build import build_world
-
-        build_world(world, n_images=400, seed=7, image_size=64, progress=False)
     build_models(world, only=["marian-en-pt"])
     return model_dir(world, "marian-en-pt")
 
@@ -356,8 +352,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer sentences and tokens")
     parser.add_argument(
         "--world",
-        default=str(ROOT / ".cache" / "test-world"),
-        help="a built world (built with the test world's settings if missing)",
+        default=None,
+        help="a built world (default: the tests' world .cache/test-world, built if missing)",
     )
     parser.add_argument(
         "--model",
@@ -377,7 +373,13 @@ def main() -> None:
 
     from common import write_results
 
-    world = Path(args.world)
+    from babelcap.world.build import TEST_WORLD, ensure_world
+
+    world = (
+        Path(args.world)
+        if args.world
+        else ensure_world(ROOT / ".cache" / "test-world", progress=False, **TEST_WORLD)
+    )
     small = Path(args.model) if args.model else world_models(world)
     big = big_marian(small)
     n_small, n_big = (128, 32) if args.quick else (256, 48)

@@ -7,7 +7,6 @@ parameters, and per model by configuration through the models' build stamps), so
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -18,7 +17,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_WORLD = {"n_images": 400, "seed": 7, "image_size": 64}
 
 
 def _cache_root() -> Path:
@@ -28,17 +26,9 @@ def _cache_root() -> Path:
 @pytest.fixture(scope="session")
 def world_dir() -> Path:
     """A small built world (same parameters every session, rebuilt only when they change)."""
-    from babelcap.world.build import GENERATOR_VERSION, build_world
+    from babelcap.world.build import TEST_WORLD, ensure_world
 
-    out = _cache_root() / "test-world"
-    meta = out / "world.json"
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        wanted = {**TEST_WORLD, "version": GENERATOR_VERSION}
-        if all(info.get(k) == v for k, v in wanted.items()):
-            return out
-    build_world(out, **TEST_WORLD)
-    return out
+    return ensure_world(_cache_root() / "test-world", **TEST_WORLD)
 
 
 @pytest.fixture(scope="session")

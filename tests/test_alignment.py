@@ -136,8 +136,8 @@ def test_per_language_gradients_reach_only_that_languages_adapter(base_dir):
 def test_alignment_with_language_adapters_learns(world_dir, base_dir, tmp_path):
     from babelcap.models.clip import load_clip
     from babelcap.training.embeddings import embed_shards
-    from babelcap.training.evaluate import world_eval_data
-    from babelcap.training.world_shards import write_world_shards
+    from babelcap.training.eval_data import load_eval_data
+    from babelcap.world.shards import write_world_shards
 
     raw = write_world_shards(world_dir, tmp_path / "raw", ["en", "pt", "es"], split="train")
     shards = embed_shards(load_clip(str(base_dir)), raw, tmp_path / "shards")
@@ -186,7 +186,7 @@ def test_alignment_with_language_adapters_learns(world_dir, base_dir, tmp_path):
     # One merged checkpoint would hold one adapter only: per-language runs export none.
     assert summary["export"] is None and not (tmp_path / "run" / "export").exists()
 
-    data = world_eval_data(world_dir, ["en", "pt", "es"], "test", max_captions=2)
+    data = load_eval_data(f"world:{world_dir}", ["en", "pt", "es"], "test", max_captions=2)
     before = ad.evaluate_with_adapters(load_clip(str(base_dir)), data, zero_shot=False)
     bundle = load_clip(str(base_dir))
     ad.load_language_adapters(bundle.model, adapter_dir)
@@ -205,7 +205,7 @@ def test_alignment_with_language_adapters_learns(world_dir, base_dir, tmp_path):
 def _trainer(world_dir, base_dir, tmp_path, adapters: str):
     from babelcap.training.runs import build_method
     from babelcap.training.trainer import Trainer
-    from babelcap.training.world_shards import write_world_shards
+    from babelcap.world.shards import write_world_shards
 
     shards = write_world_shards(world_dir, tmp_path / "s", ["en", "pt", "hi"], split="val")
     cfg = TrainConfig.from_dict(

@@ -167,7 +167,7 @@ def _shards(world_dir: Path, base_dir: Path, tmp_path: Path, languages: list[str
     """World gold shards (linked to English) with the base image tower's embeddings."""
     from babelcap.models.clip import load_clip
     from babelcap.training.embeddings import embed_shards
-    from babelcap.training.world_shards import write_world_shards
+    from babelcap.world.shards import write_world_shards
 
     raw = write_world_shards(world_dir, tmp_path / "raw", languages, split="train")
     return embed_shards(load_clip(str(base_dir)), raw, tmp_path / "shards")

@@ -21,7 +21,7 @@ from babelcap.training.export import merged_model
 from babelcap.training.lit import enable_grad_checkpointing, lora_parameter_formula
 from babelcap.training.runs import build_method
 from babelcap.training.trainer import Trainer, checkpoints
-from babelcap.training.world_shards import write_world_shards
+from babelcap.world.shards import write_world_shards
 
 pytestmark = pytest.mark.slow
 

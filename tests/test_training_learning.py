@@ -7,16 +7,17 @@ import pytest
 
 from babelcap.models.clip import load_clip
 from babelcap.training.config import TrainConfig
-from babelcap.training.evaluate import evaluate, world_eval_data
+from babelcap.training.eval_data import load_eval_data
+from babelcap.training.evaluate import evaluate
 from babelcap.training.trainer import train
-from babelcap.training.world_shards import write_world_shards
+from babelcap.world.shards import write_world_shards
 
 pytestmark = pytest.mark.slow
 
 
 def test_lit_lora_on_portuguese_raises_portuguese_recall(world_dir, world_models, tmp_path):
     base_dir = world_models("clip-base")["clip-base"]
-    data = world_eval_data(world_dir, ["en", "pt"], "test")
+    data = load_eval_data(f"world:{world_dir}", ["en", "pt"], "test")
     before = evaluate(load_clip(str(base_dir)), data, name="base", zero_shot=False)
 
     shards = write_world_shards(world_dir, tmp_path / "shards", ["en", "pt"], split="train")

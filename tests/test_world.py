@@ -441,3 +441,70 @@ def test_cli_world_build(tmp_path: Path, capsys) -> None:
     assert main(argv) == 0
     assert _files(out) == first
     assert main(["world", "build", "--out", str(tmp_path / "bad"), "--languages", "en,xx"]) == 2
+
+
+# --- one "is this world built" check, the world as an evaluation dataset ----------------------
+
+
+def test_ensure_world_reuses_a_matching_world_and_rebuilds_another(tmp_path: Path) -> None:
+    from babelcap.world.build import ensure_world, is_built
+
+    out = tmp_path / "w"
+    assert not is_built(out, n_images=12, seed=1)
+    assert ensure_world(out, n_images=12, seed=1, progress=False) == out
+    stamp = (out / "world.json").stat().st_mtime_ns
+    assert is_built(out, n_images=12, seed=1)
+    assert is_built(out, n_images=12, seed=1, languages=LANGUAGES, image_size=64)  # defaults
+    ensure_world(out, n_images=12, seed=1, workers=2, progress=False)  # workers: same bytes
+    assert (out / "world.json").stat().st_mtime_ns == stamp
+    for other in ({"seed": 2}, {"image_size": 32}, {"languages": ("en", "pt")}):
+        assert not is_built(out, **{"n_images": 12, "seed": 1, **other}), other
+    ensure_world(out, n_images=12, seed=2, progress=False)
+    assert json.loads((out / "world.json").read_text())["seed"] == 2
+
+
+def test_world_eval_data(small_world: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    from babelcap.training.eval_data import load_eval_data
+    from babelcap.world.shards import write_world_shards
+
+    data = load_eval_data(f"world:{small_world}", ["en", "pt"], "test", max_captions=2)
+    gold = load_gold(small_world, "pt", "test")
+    assert len(data.images) == len(gold) and data.images[0].mode == "RGB"
+    assert data.image_ids == [
+        hashlib.sha256((small_world / r["image_path"]).read_bytes()).hexdigest() for r in gold
+    ]
+    assert data.texts["pt"][:2] == gold[0]["captions"][:2]
+    assert len(data.texts["en"]) == 2 * len(gold) and max(data.text_to_image["en"]) == len(gold) - 1
+    # Zero-shot tasks: labels of single-object scenes, class names and templates per language.
+    assert set(data.zero_shot) == {"shape", "colour"}
+    shape = data.zero_shot["shape"]
+    scenes = [r["scene"] for r in load_scenes(small_world, "test")]
+    for label, scene in zip(shape.labels, scenes, strict=True):
+        if len(scene.objects) == 1:
+            assert shape.classes["en"][label] == class_names("en")["shape"][scene.objects[0].shape]
+        else:
+            assert label is None
+    assert shape.classes["pt"] == [class_names("pt")["shape"][s] for s in SHAPES]
+    assert data.zero_shot["colour"].classes["en"] == list(COLOURS)
+    assert all("{}" in t for t in shape.templates["pt"])
+    assert len(load_eval_data(f"world:{small_world}", ["en"], None, max_images=5).images) == 5
+
+    # The same images through shards: the same ids (the shards' image_id) and captions.
+    write_world_shards(small_world, tmp_path / "s", ["en", "pt"], split="test")
+    for spec in (str(tmp_path / "s"), f"shards:{tmp_path / 's'}"):
+        via_shards = load_eval_data(spec, ["en", "pt"], "test", max_captions=2)
+        assert via_shards.image_ids == data.image_ids
+        assert via_shards.texts == data.texts and via_shards.zero_shot == {}
+    with pytest.raises(ValueError, match="known: shards, world"):
+        load_eval_data("nope:x", ["en"])
+
+
+def test_results_table_has_a_column_per_zero_shot_task() -> None:
+    from babelcap.training.evaluate import to_markdown
+
+    row = {"mean_recall": 50.0, "zs_shape": 40.0, "zs_texture": 30.0}
+    table = to_markdown({"m": {"languages": {"en": row}}})
+    assert "| language | model | mean_recall | zs_shape | zs_texture |" in table
+    assert "| en | m | 50.0 | 40.0 | 30.0 |" in table

@@ -269,19 +269,13 @@ def evaluate_with_adapters(
     bundle: Any, data: Any, name: str = "model", zero_shot: bool = True
 ) -> dict[str, Any]:
     """`training.evaluate.evaluate`, each language through its own adapter (`use_language`)."""
-    from babelcap.training.evaluate import EvalData, evaluate
+    from babelcap.training.evaluate import evaluate
 
     result: dict[str, Any] = {"model": name, "images": len(data.images), "languages": {}}
     for lang, texts in data.texts.items():
         if not texts:
             continue
-        one = EvalData(
-            images=data.images,
-            texts={lang: texts},
-            text_to_image={lang: data.text_to_image[lang]},
-            labels=data.labels,
-            classes=data.classes,
-        )
+        one = data.only([lang])
         with use_language(bundle.model, lang) as adapter:
             part = evaluate(bundle, one, name=name, zero_shot=zero_shot)
         result["languages"][lang] = {**part["languages"][lang], "adapter": adapter}

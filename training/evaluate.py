@@ -1,124 +1,39 @@
 """Evaluation per language: text->image and image->text recall@1/5/10 and mean recall, plus
-zero-shot classification with translated class names and prompts.
+every zero-shot classification task the dataset provides, with that dataset's class names and
+prompt templates in each language (result keys ``zs_<task>``).
 
-Evaluation data comes from a world's gold captions (`world_eval_data`) or from shards
-(`shard_eval_data`); results are plain dicts (JSON), rendered as a Markdown table comparing
-models (before/after) and a bar chart per language.
+Evaluation data comes from `babelcap.training.eval_data.load_eval_data` (shards, or a reader
+registered by name, such as the world's); results are plain dicts (JSON), rendered as a
+Markdown table comparing models (before/after) and a bar chart per language.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from babelcap.core.images import decode_rgb, open_rgb, to_rgb
+from babelcap.core.images import open_rgb, to_rgb
 from babelcap.models.clip import ClipBundle, unwrap
+from babelcap.training.eval_data import EvalData, ZeroShotTask
+
+__all__ = [
+    "EvalData",
+    "ZeroShotTask",
+    "encode_images",
+    "encode_texts",
+    "evaluate",
+    "retrieval_metrics",
+    "save_report",
+    "to_markdown",
+    "zero_shot_accuracy",
+]
 
 RECALL_KS = (1, 5, 10)
-
-# Prompt templates for zero-shot classification in the world's languages ("{}" = class name).
-PROMPTS: dict[str, list[str]] = {
-    "en": ["{}", "a photo of a {}", "an image of a {}"],
-    "pt": ["{}", "uma foto: {}", "uma imagem: {}"],
-    "es": ["{}", "una foto: {}", "una imagen: {}"],
-    "de": ["{}", "ein Foto: {}", "ein Bild: {}"],
-    "hi": ["{}", "तस्वीर: {}", "चित्र: {}"],
-}
-
-
-@dataclass
-class EvalData:
-    """Images once, and per language the captions with the index of their image."""
-
-    images: list[Any]  # paths or PIL images
-    texts: dict[str, list[str]] = field(default_factory=dict)
-    text_to_image: dict[str, list[int]] = field(default_factory=dict)
-    labels: dict[str, list[int | None]] = field(default_factory=dict)  # per task, per image
-    classes: dict[str, list[str]] = field(default_factory=dict)  # per task: class keys
-
-
-def world_eval_data(
-    world_dir: str | Path,
-    languages: Sequence[str],
-    split: str = "test",
-    max_captions: int | None = None,
-) -> EvalData:
-    """Gold captions of a world split; shape/colour labels of single-object scenes."""
-    from babelcap.world.load import load_gold, load_scenes
-
-    world_dir = Path(world_dir)
-    paths: list[str] = []
-    index: dict[str, int] = {}
-    data = EvalData(images=[])
-    for lang in languages:
-        texts, t2i = [], []
-        for row in load_gold(world_dir, lang, split):
-            if row["image_path"] not in index:
-                index[row["image_path"]] = len(paths)
-                paths.append(row["image_path"])
-            for text in row["captions"][:max_captions]:
-                texts.append(text)
-                t2i.append(index[row["image_path"]])
-        data.texts[lang], data.text_to_image[lang] = texts, t2i
-    data.images = [world_dir / p for p in paths]
-    scenes = {r["image_path"]: r["scene"] for r in load_scenes(world_dir, split)}
-    from babelcap.world.scene import COLOURS, SHAPES
-
-    data.classes = {"shape": list(SHAPES), "colour": list(COLOURS)}
-    for task, keys in data.classes.items():
-        labels: list[int | None] = []
-        for p in paths:
-            objs = scenes[p].objects if p in scenes else ()
-            value = getattr(objs[0], task) if len(objs) == 1 else None
-            labels.append(keys.index(value) if value in keys else None)
-        data.labels[task] = labels
-    return data
-
-
-def shard_eval_data(
-    specs: str | Sequence[str],
-    languages: Sequence[str],
-    origins: Sequence[str] | None = ("gold",),
-    split: str | None = None,
-    max_images: int | None = None,
-) -> EvalData:
-    """Eval data from shards: images with bytes, captions of the given languages/origins."""
-    import pyarrow.dataset as ds
-
-    from babelcap.core.shards import find_shards
-
-    shards = find_shards(specs)
-    data = EvalData(
-        images=[],
-        texts={lang: [] for lang in languages},
-        text_to_image={lang: [] for lang in languages},
-    )
-    dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.filesystem)
-    for batch in dataset.to_batches(columns=["image", "split", "captions"]):
-        for row in batch.to_pylist():
-            if split is not None and row["split"] != split:
-                continue
-            if max_images is not None and len(data.images) >= max_images:
-                break
-            caps = [
-                c
-                for c in row["captions"] or []
-                if c["language"] in languages and (origins is None or c["origin"] in origins)
-            ]
-            if not caps or not (row["image"] or {}).get("bytes"):
-                continue
-            i = len(data.images)
-            data.images.append(decode_rgb(row["image"]["bytes"]))
-            for c in caps:
-                data.texts[c["language"]].append(c["text"])
-                data.text_to_image[c["language"]].append(i)
-    return data
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -184,36 +99,29 @@ def retrieval_metrics(
 
 
 def zero_shot_accuracy(
-    bundle: ClipBundle,
-    image_features: torch.Tensor,
-    lang: str,
-    task: str,
-    class_keys: Sequence[str],
-    labels: Sequence[int | None],
-    prompts: Mapping[str, Sequence[str]] | None = None,
+    bundle: ClipBundle, image_features: torch.Tensor, task: ZeroShotTask, lang: str
 ) -> float | None:
-    """Accuracy of classifying images by translated class names averaged over prompts."""
-    from babelcap.world.grammar import class_names
-
-    names = class_names(lang)[task]
-    templates = (prompts or PROMPTS).get(lang, ["{}"])
-    keep = [i for i, y in enumerate(labels) if y is not None]
-    if not keep:
+    """Accuracy (percent) of classifying the labelled images by the task's class names in
+    `lang`, each class embedded as the mean of its prompts; None when nothing to classify."""
+    names = task.classes.get(lang)
+    keep = [i for i, y in enumerate(task.labels) if y is not None]
+    if not names or not keep:
         return None
+    templates = task.templates_for(lang)
     weights = []
-    for key in class_keys:
-        emb = encode_texts(bundle, [t.format(names[key]) for t in templates])
+    for name in names:
+        emb = encode_texts(bundle, [t.format(name) for t in templates])
         weights.append(F.normalize(emb.mean(0), dim=-1))
     classifier = torch.stack(weights)  # classes x dim
     pred = (image_features[keep] @ classifier.T).argmax(1)
-    truth = torch.tensor([labels[i] for i in keep])
+    truth = torch.tensor([task.labels[i] for i in keep])
     return 100.0 * float((pred == truth).float().mean())
 
 
 def evaluate(
     bundle: ClipBundle, data: EvalData, name: str = "model", zero_shot: bool = True
 ) -> dict[str, Any]:
-    """Retrieval (and zero-shot) per language; returns a JSON-able dict."""
+    """Retrieval (and the dataset's zero-shot tasks) per language; returns a JSON-able dict."""
     image_features = encode_images(bundle, data.images)
     result: dict[str, Any] = {"model": name, "images": len(data.images), "languages": {}}
     for lang, texts in data.texts.items():
@@ -222,40 +130,26 @@ def evaluate(
         text_features = encode_texts(bundle, texts)
         metrics = retrieval_metrics(image_features, text_features, data.text_to_image[lang])
         metrics["captions"] = len(texts)
-        if zero_shot and data.labels:
-            for task, keys in data.classes.items():
-                acc = zero_shot_accuracy(
-                    bundle, image_features, lang, task, keys, data.labels[task]
-                )
+        if zero_shot:
+            for task_name, task in data.zero_shot.items():
+                acc = zero_shot_accuracy(bundle, image_features, task, lang)
                 if acc is not None:
-                    metrics[f"zs_{task}"] = acc
+                    metrics[f"zs_{task_name}"] = acc
         result["languages"][lang] = metrics
     return result
 
 
 # ----------------------------------------------------------------------------- reports
 
-_COLUMNS = (
-    "t2i_r1",
-    "t2i_r5",
-    "t2i_r10",
-    "i2t_r1",
-    "i2t_r5",
-    "i2t_r10",
-    "mean_recall",
-    "zs_shape",
-    "zs_colour",
-)
+_COLUMNS = (*(f"{d}_r{k}" for d in ("t2i", "i2t") for k in RECALL_KS), "mean_recall")
 
 
 def to_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
     """One table for one or more models (model -> evaluate() result), rows = language x model."""
     models = list(results)
-    cols = [
-        c
-        for c in _COLUMNS
-        if any(c in m for r in results.values() for m in r["languages"].values())
-    ]
+    present = [c for r in results.values() for m in r["languages"].values() for c in m]
+    zero_shot = [c for c in dict.fromkeys(present) if c.startswith("zs_")]  # tasks in order
+    cols = [c for c in (*_COLUMNS, *zero_shot) if c in present]
     lines = ["| language | model | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
     languages = sorted({lang for r in results.values() for lang in r["languages"]})
     for lang in languages:

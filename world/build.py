@@ -51,6 +51,10 @@ GENERIC_ALT_TEXTS = (
     "wallpaper",
 )
 SPLITS = ("train", "val", "test")
+# The small world the tests and the quick benchmarks share (.cache/test-world).
+TEST_WORLD: dict[str, Any] = {"n_images": 400, "seed": 7, "image_size": 64}
+# world.json keys that identify a build: same values -> same bytes.
+_IDENTITY = ("version", "seed", "n_images", "image_size", "alt_text_noise", "languages", "counts")
 _OUTPUTS = ("world.json", "manifest.jsonl", "scenes.jsonl", "images", "gold")
 
 
@@ -220,3 +224,57 @@ def build_world(
     # Written last: a world.json means a complete world.
     (out / "world.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
+
+
+def world_meta(world_dir: str | Path) -> dict[str, Any] | None:
+    """world.json of a complete world in `world_dir` (written last by `build_world`), or None."""
+    path = Path(world_dir) / "world.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _identity(
+    n_images: int = 1000,
+    seed: int = 0,
+    languages: Sequence[str] = LANGUAGES,
+    image_size: int = 64,
+    splits: Sequence[float] = (0.8, 0.1, 0.1),
+    alt_text_noise: float = 0.5,
+) -> dict[str, Any]:
+    """The world.json identity `build_world` would write for these parameters."""
+    languages = tuple(languages)
+    if "en" not in languages:
+        languages = ("en", *languages)
+    return {
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "n_images": n_images,
+        "image_size": image_size,
+        "alt_text_noise": alt_text_noise,
+        "languages": list(languages),
+        "counts": split_counts(n_images, splits),
+    }
+
+
+def is_built(world_dir: str | Path, **params: Any) -> bool:
+    """Is a complete world built in `world_dir` with these `build_world` parameters (and this
+    generator version)? Parameters left out count as their defaults."""
+    meta = world_meta(world_dir)
+    if meta is None:
+        return False
+    wanted = _identity(**params)
+    return all(meta.get(k) == wanted[k] for k in _IDENTITY)
+
+
+def ensure_world(
+    out_dir: str | Path, *, workers: int | None = None, progress: bool = True, **params: Any
+) -> Path:
+    """The world in `out_dir`: reused when it was built with these parameters (see
+    `is_built`), (re)built otherwise. The one "is this world built" check for the CLI, demo,
+    tests and benchmarks; `params` are `build_world`'s."""
+    out = Path(out_dir)
+    if is_built(out, **params):
+        return out
+    build_world(out, workers=workers, progress=progress, **params)
+    return out

@@ -17,13 +17,6 @@ def _read_jsonl(path: Path, split: str | None = None) -> list[dict[str, Any]]:
     return rows if split is None else [r for r in rows if r["split"] == split]
 
 
-def load_world_meta(world_dir: str | Path) -> dict[str, Any]:
-    path = Path(world_dir) / "world.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{world_dir} is not a babelcap world (no world.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def load_manifest(world_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
     """Rows {"image_path", "caption", "language", "split"}; image_path is relative to world_dir."""
     return _read_jsonl(Path(world_dir) / "manifest.jsonl", split)

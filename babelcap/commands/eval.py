@@ -1,5 +1,7 @@
-"""`babelcap eval`: retrieval recall@1/5/10 and mean recall per language (and zero-shot
-shape/colour classification on a world), for one model or several side by side."""
+"""`babelcap eval`: retrieval recall@1/5/10 and mean recall per language (and the zero-shot
+tasks the evaluation dataset provides, e.g. shape/colour on a world), for one model or several
+side by side. The dataset is `--data SPEC` (see `babelcap.training.eval_data`); `--world W`
+means `--data world:W` and `--shards P` means `--data shards:P`."""
 
 from __future__ import annotations
 
@@ -28,10 +30,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="apply a peft adapter folder to the model with this label",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--world", help="evaluate on a world's gold captions")
-    source.add_argument("--shards", action="append", help="evaluate on shards (images with bytes)")
+    source.add_argument(
+        "--data",
+        metavar="SPEC",
+        help="evaluation dataset: shards:PATH (gold captions; shards[translated]:PATH picks "
+        "other origins, shards[*]:PATH all), a plain shard path/glob, or NAME:ARG for a reader "
+        "registered under the entry-point group babelcap.eval_datasets (e.g. world:DIR)",
+    )
+    source.add_argument("--world", metavar="DIR", help="same as --data world:DIR")
+    source.add_argument("--shards", metavar="PATH", help="same as --data shards:PATH")
     parser.add_argument("--languages", default="en,pt,es,de,hi", help="comma-separated")
-    parser.add_argument("--split", default="test", help="split (default test)")
+    parser.add_argument("--split", default="test", help="split (default test; all: every split)")
+    parser.add_argument("--max-images", type=int, default=None, help="first N images only")
     parser.add_argument("--out", default=None, help="folder for results.json/.md/.png")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip zero-shot classes")
     parser.set_defaults(func=_eval)
@@ -45,30 +55,39 @@ def _parse_models(items: Sequence[str]) -> dict[str, str]:
     return models
 
 
+def data_spec(data: str | None, world: str | None = None, shards: str | None = None) -> str:
+    """The dataset spec of `--data`, `--world W` (world:W) or `--shards P` (shards:P)."""
+    given = [s for s in (data, world and f"world:{world}", shards and f"shards:{shards}") if s]
+    if len(given) != 1:
+        raise ValueError("give exactly one of --data, --world, --shards")
+    return given[0]
+
+
 def run_eval(
     models: Mapping[str, str],
-    world: str | None,
-    shards: Sequence[str] | None,
-    languages: Sequence[str],
-    split: str,
-    out: str | None,
-    zero_shot: bool,
+    data: str | None = None,
+    languages: Sequence[str] = ("en",),
+    split: str = "test",
+    out: str | None = None,
+    zero_shot: bool = True,
     adapters: Mapping[str, str] | None = None,
+    *,
+    world: str | None = None,
+    shards: str | None = None,
+    max_images: int | None = None,
 ) -> dict:
+    """Evaluate `models` (label -> spec) on the dataset `data` (or `world` / `shards`)."""
     from babelcap.models.clip import load_clip
-    from babelcap.training.evaluate import (
-        evaluate,
-        save_report,
-        shard_eval_data,
-        to_markdown,
-        world_eval_data,
-    )
+    from babelcap.training.eval_data import load_eval_data
+    from babelcap.training.evaluate import evaluate, save_report, to_markdown
     from babelcap.training.export import load_adapter
 
-    if world:
-        data = world_eval_data(world, languages, split)
-    else:
-        data = shard_eval_data(shards, languages, split=split if split != "all" else None)
+    dataset = load_eval_data(
+        data_spec(data, world, shards),
+        languages,
+        split=None if split == "all" else split,
+        max_images=max_images,
+    )
     results = {}
     for label, spec in models.items():
         name, _, pretrained = spec.partition("@")
@@ -82,7 +101,7 @@ def run_eval(
                 evaluate_fn = per_language.evaluate_with_adapters  # each language its adapter
             else:
                 load_adapter(bundle, adapters[label])
-        results[label] = evaluate_fn(bundle, data, name=label, zero_shot=zero_shot and bool(world))
+        results[label] = evaluate_fn(bundle, dataset, name=label, zero_shot=zero_shot)
     print(to_markdown(results), end="")
     if out:
         paths = save_report(results, out)
@@ -91,15 +110,17 @@ def run_eval(
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from babelcap.core.lists import parse_list
+
     adapters = dict(a.split("=", 1) for a in args.adapter)
     run_eval(
         _parse_models(args.model),
-        args.world,
-        args.shards,
-        [s for s in args.languages.split(",") if s],
+        data_spec(args.data, args.world, args.shards),
+        parse_list(args.languages),
         args.split,
         args.out,
         not args.no_zero_shot,
         adapters,
+        max_images=args.max_images,
     )
     return 0

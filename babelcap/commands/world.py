@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from babelcap.core.lists import parse_list
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -42,10 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models.set_defaults(func=_models)
 
 
-def _split_list(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
 def _build(args: argparse.Namespace) -> int:
     from babelcap.world.build import build_world
     from babelcap.world.grammar import LANGUAGES
@@ -55,7 +53,7 @@ def _build(args: argparse.Namespace) -> int:
         args.out,
         n_images=args.images,
         seed=args.seed,
-        languages=_split_list(args.languages) or LANGUAGES,
+        languages=parse_list(args.languages) or LANGUAGES,
         image_size=args.size,
         workers=args.workers,
         alt_text_noise=args.alt_text_noise,
@@ -72,7 +70,7 @@ def _build(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from babelcap.world.models import build_models
 
-    results = build_models(args.world, only=_split_list(args.only), force=args.force)
+    results = build_models(args.world, only=parse_list(args.only) or None, force=args.force)
     for name, stamp in results.items():
         metrics = stamp.get("summary", {})
         shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict | list))

@@ -142,11 +142,12 @@ def _final_dir(out_dir: Path) -> Path:
 def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     from babelcap.models.clip import load_clip
     from babelcap.training.config import TrainConfig
-    from babelcap.training.evaluate import evaluate, world_eval_data
+    from babelcap.training.evaluate import evaluate
     from babelcap.training.export import export_open_clip
     from babelcap.training.trainer import train
-    from babelcap.training.world_shards import write_world_shards
+    from babelcap.world.eval_data import load as world_eval_data
     from babelcap.world.grammar import LANGUAGES
+    from babelcap.world.shards import write_world_shards
 
     config = {**DEFAULT_CONFIG, **config}
     world_dir, out_dir = Path(world_dir), Path(out_dir)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from babelcap.core import schema
 from babelcap.core.shards import write_shard
+from babelcap.world.load import load_gold, load_manifest
 
 
 def world_rows(
@@ -22,8 +23,6 @@ def world_rows(
     embed_bytes: bool = True,
 ) -> list[dict]:
     """One shard row per world image with its gold captions in `languages`."""
-    from babelcap.world.load import load_gold, load_manifest
-
     world_dir = Path(world_dir)
     gold = {
         lang: {r["image_path"]: r["captions"] for r in load_gold(world_dir, lang, split)}

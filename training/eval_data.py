@@ -1,0 +1,185 @@
+"""Evaluation datasets: images once, captions per language, and the zero-shot tasks a dataset
+provides (labels per image, class names and prompt templates per language), in the spirit of
+CLIP_benchmark, where datasets, class names and templates are data, not code of the evaluator.
+
+`load_eval_data(spec, languages, ...)` reads one dataset named by `spec`:
+
+- ``shards:PATH`` or a plain path / folder / glob / URI: babelcap shards (found with
+  `babelcap.core.shards.find_shards`), images from their bytes, gold captions;
+  ``shards[ORIGIN,ORIGIN]:PATH`` picks captions of other origins (e.g. ``shards[translated]:out``,
+  ``shards[*]:out`` for every origin). Shards have no zero-shot tasks.
+- ``NAME:ARG``: a reader registered under the entry-point group ``babelcap.eval_datasets``
+  (``[project.entry-points."babelcap.eval_datasets"]`` in a pyproject), called as
+  ``reader(ARG, languages=..., split=..., max_images=..., max_captions=...)`` and returning
+  `EvalData`. The world registers ``world`` (``world:PATH``); training never imports it.
+
+A new dataset is one reader function and one entry point; the evaluator needs no change.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+from babelcap.core import schema
+
+ENTRY_POINT_GROUP = "babelcap.eval_datasets"
+SHARDS = "shards"
+DEFAULT_TEMPLATES = ["{}"]
+
+
+@dataclass
+class ZeroShotTask:
+    """One classification task: a label (index into the classes, or None) per image, the class
+    names in each language (same order in every language) and prompt templates per language
+    (``"{}"`` stands for the class name)."""
+
+    labels: list[int | None]
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    templates: dict[str, list[str]] = field(default_factory=dict)
+
+    def templates_for(self, lang: str) -> list[str]:
+        return list(self.templates.get(lang) or DEFAULT_TEMPLATES)
+
+
+@dataclass
+class EvalData:
+    """Images once, and per language the captions with the index of their image."""
+
+    images: list[Any]  # PIL images (decoded with babelcap.core.images) or paths
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    text_to_image: dict[str, list[int]] = field(default_factory=dict)
+    image_ids: list[str] = field(default_factory=list)  # sha256 of the image bytes (image_id)
+    zero_shot: dict[str, ZeroShotTask] = field(default_factory=dict)
+
+    def only(self, languages: Sequence[str]) -> EvalData:
+        """The same images and tasks with the captions of `languages` only."""
+        return EvalData(
+            images=self.images,
+            texts={lang: self.texts[lang] for lang in languages if lang in self.texts},
+            text_to_image={
+                lang: self.text_to_image[lang] for lang in languages if lang in self.texts
+            },
+            image_ids=self.image_ids,
+            zero_shot=self.zero_shot,
+        )
+
+
+Reader = Callable[..., EvalData]
+
+# NAME, optional [OPTIONS], ":", ARG; a URI (scheme://) is a path, not a reader name.
+_SPEC = re.compile(r"^(?P<name>[A-Za-z][\w.-]*)(?:\[(?P<options>[^\]]*)\])?:(?P<arg>.*)$")
+
+
+def readers() -> dict[str, Any]:
+    """Registered dataset readers (entry points of group `babelcap.eval_datasets`) by name."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def parse_spec(spec: str) -> tuple[str, str | None, str]:
+    """(reader name, options or None, argument); a plain path is ("shards", None, path)."""
+    match = _SPEC.match(spec)
+    if match is None or "://" in spec[: match.end("name") + 3] or len(match["name"]) == 1:
+        return SHARDS, None, spec  # a plain path, glob or URI (or a Windows drive letter)
+    return match["name"], match["options"], match["arg"]
+
+
+def load_eval_data(
+    spec: str,
+    languages: Sequence[str],
+    split: str | None = "test",
+    max_images: int | None = None,
+    max_captions: int | None = None,
+) -> EvalData:
+    """Read the evaluation dataset `spec` (see the module doc) for `languages`.
+
+    `split`: rows of this split only (None: all); `max_images`: the first N images;
+    `max_captions`: at most N captions per image and language.
+    """
+    name, options, arg = parse_spec(str(spec))
+    if not arg:
+        raise ValueError(f"evaluation dataset {spec!r}: nothing after {name + ':'!r}")
+    if name == SHARDS:
+        if options is None or options.strip() in ("", schema.ORIGIN_GOLD):
+            origins: tuple[str, ...] | None = (schema.ORIGIN_GOLD,)
+        elif options.strip() == "*":
+            origins = None
+        else:
+            origins = tuple(o.strip() for o in options.split(",") if o.strip())
+            unknown = sorted(set(origins) - set(schema.ORIGINS))
+            if unknown:
+                raise ValueError(
+                    f"evaluation dataset {spec!r}: unknown caption origin(s) {unknown}; "
+                    f"known: {', '.join(schema.ORIGINS)} (or * for all)"
+                )
+        return shard_eval_data(arg, languages, origins, split, max_images, max_captions)
+    if options is not None:
+        raise ValueError(f"evaluation dataset {spec!r}: options [...] are for shards only")
+    known = readers()
+    if name not in known:
+        names = ", ".join(sorted({SHARDS, *known}))
+        raise ValueError(
+            f"unknown evaluation dataset {name!r} in {spec!r}; known: {names} "
+            f"(readers register under the entry-point group {ENTRY_POINT_GROUP!r})"
+        )
+    reader: Reader = known[name].load()
+    data = reader(
+        arg,
+        languages=list(languages),
+        split=split,
+        max_images=max_images,
+        max_captions=max_captions,
+    )
+    if not isinstance(data, EvalData):
+        raise TypeError(f"evaluation dataset reader {name!r} returned {type(data).__name__}")
+    return data
+
+
+def shard_eval_data(
+    specs: str | Sequence[str],
+    languages: Sequence[str],
+    origins: Sequence[str] | None = (schema.ORIGIN_GOLD,),
+    split: str | None = None,
+    max_images: int | None = None,
+    max_captions: int | None = None,
+) -> EvalData:
+    """Shards' rows with image bytes and captions of `languages` (and `origins`; None: all)."""
+    import pyarrow.dataset as ds
+
+    from babelcap.core.images import decode_rgb
+    from babelcap.core.shards import find_shards
+
+    shards = find_shards(specs)
+    data = EvalData(
+        images=[],
+        texts={lang: [] for lang in languages},
+        text_to_image={lang: [] for lang in languages},
+    )
+    dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.filesystem)
+    columns = ["image_id", "image", "split", "captions"]
+    for batch in dataset.to_batches(columns=columns):
+        for row in batch.to_pylist():
+            if max_images is not None and len(data.images) >= max_images:
+                return data
+            if split is not None and row["split"] != split:
+                continue
+            image_bytes = (row["image"] or {}).get("bytes")
+            if not image_bytes:
+                continue
+            per_lang: dict[str, list[str]] = {}
+            for c in row["captions"] or []:
+                if c["language"] in data.texts and (origins is None or c["origin"] in origins):
+                    per_lang.setdefault(c["language"], []).append(c["text"])
+            if not per_lang:
+                continue
+            i = len(data.images)
+            data.images.append(decode_rgb(image_bytes))
+            data.image_ids.append(row["image_id"] or schema.image_id_for(image_bytes))
+            for lang, texts in per_lang.items():
+                for text in texts[:max_captions]:
+                    data.texts[lang].append(text)
+                    data.text_to_image[lang].append(i)
+    return data
