@@ -266,18 +266,30 @@ def load_language_adapters(
 
 
 def evaluate_with_adapters(
-    bundle: Any, data: Any, name: str = "model", zero_shot: bool = True
+    bundle: Any,
+    data: Any,
+    name: str = "model",
+    zero_shot: bool = True,
+    training_images: Any = "recorded",
+    allow_contamination: bool = False,
 ) -> dict[str, Any]:
-    """`training.evaluate.evaluate`, each language through its own adapter (`use_language`)."""
-    from babelcap.training.evaluate import evaluate
+    """`training.evaluate.evaluate`, each language through its own adapter (`use_language`);
+    the contamination check runs once."""
+    from babelcap.training.evaluate import check_contamination, evaluate
 
-    result: dict[str, Any] = {"model": name, "images": len(data.images), "languages": {}}
+    checked = check_contamination(bundle, data, training_images, allow_contamination)
+    result: dict[str, Any] = {
+        "model": name,
+        "images": len(data.images),
+        "contamination": checked,
+        "languages": {},
+    }
     for lang, texts in data.texts.items():
         if not texts:
             continue
         one = data.only([lang])
         with use_language(bundle.model, lang) as adapter:
-            part = evaluate(bundle, one, name=name, zero_shot=zero_shot)
+            part = evaluate(bundle, one, name=name, zero_shot=zero_shot, contamination=checked)
         result["languages"][lang] = {**part["languages"][lang], "adapter": adapter}
     return result
 

@@ -10,6 +10,7 @@ Markdown table comparing models (before/after) and a bar chart per language.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from babelcap.core.images import open_rgb, to_rgb
+from babelcap.core.near_duplicates import Fingerprints
 from babelcap.models.clip import ClipBundle, unwrap
+from babelcap.training.contamination import check_overlap, ensure_clean, find_run_index
 from babelcap.training.eval_data import EvalData, ZeroShotTask
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 RECALL_KS = (1, 5, 10)
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -74,26 +78,46 @@ def encode_texts(bundle: ClipBundle, texts: Sequence[str], batch_size: int = 256
 
 
 def retrieval_metrics(
-    image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: Sequence[int]
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_to_image: Sequence[int],
+    texts: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Recall@k both ways (percent) and their mean ("mean recall", as CAPIVARA reports)."""
-    t2i = torch.as_tensor(list(text_to_image))
-    sims = text_features @ image_features.T  # texts x images
+    """Recall@k both ways (percent) and their mean ("mean recall", as CAPIVARA reports).
+
+    Positives: a caption is correct for its image and, when `texts` are given, for every other
+    image that has the identical caption string (a query that says exactly the same thing
+    cannot tell those images apart). Ties: an incorrect item scoring exactly as high as the best
+    correct one ranks ahead of it, in both directions, so a model that scores everything alike
+    gets R@1 = 0 rather than 100 (CLIP_benchmark takes `topk` of the scores, where a tie falls
+    whichever way the sort puts it).
+    """
+    t2i = torch.as_tensor(list(text_to_image), dtype=torch.long)
+    n_texts, n_images = len(t2i), image_features.shape[0]
+    positive = torch.zeros(n_texts, n_images, dtype=torch.bool)
+    positive[torch.arange(n_texts), t2i] = True
+    if texts is not None:
+        groups: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            groups.setdefault(text, []).append(i)
+        for members in groups.values():
+            if len(members) > 1:
+                rows = torch.as_tensor(members)
+                positive[rows] = positive[rows].any(dim=0)
+    sims = (text_features @ image_features.T).float()  # texts x images
     out: dict[str, float] = {}
-    # text -> image: rank of the right image among all images
-    correct = sims[torch.arange(len(t2i)), t2i].unsqueeze(1)
-    rank_t = (sims > correct).sum(1)
-    # image -> text: best rank among the image's captions
-    ranks_i = torch.full((image_features.shape[0],), 10**9)
-    order = sims.T.argsort(dim=1, descending=True)  # images x texts
-    pos = torch.empty_like(order)
-    pos.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
-    for txt, img in enumerate(t2i.tolist()):
-        ranks_i[img] = min(int(ranks_i[img]), int(pos[img, txt]))
-    has_text = ranks_i < 10**9
+    neg_inf = torch.finfo(sims.dtype).min
+    # text -> image: incorrect images scoring >= the best correct image
+    best_t = sims.masked_fill(~positive, neg_inf).amax(dim=1, keepdim=True)
+    rank_t = ((sims >= best_t) & ~positive).sum(dim=1)
+    # image -> text: incorrect captions scoring >= the image's best correct caption
+    sims_i, pos_i = sims.T, positive.T
+    has_text = pos_i.any(dim=1)
+    best_i = sims_i.masked_fill(~pos_i, neg_inf).amax(dim=1, keepdim=True)
+    rank_i = ((sims_i >= best_i) & ~pos_i).sum(dim=1)[has_text]
     for k in RECALL_KS:
         out[f"t2i_r{k}"] = 100.0 * float((rank_t < k).float().mean())
-        out[f"i2t_r{k}"] = 100.0 * float((ranks_i[has_text] < k).float().mean())
+        out[f"i2t_r{k}"] = 100.0 * float((rank_i < k).float().mean())
     out["mean_recall"] = sum(out[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in RECALL_KS) / 6
     return out
 
@@ -119,16 +143,36 @@ def zero_shot_accuracy(
 
 
 def evaluate(
-    bundle: ClipBundle, data: EvalData, name: str = "model", zero_shot: bool = True
+    bundle: ClipBundle,
+    data: EvalData,
+    name: str = "model",
+    zero_shot: bool = True,
+    training_images: Fingerprints | str | None = "recorded",
+    allow_contamination: bool = False,
+    contamination: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Retrieval (and the dataset's zero-shot tasks) per language; returns a JSON-able dict."""
+    """Retrieval (and the dataset's zero-shot tasks) per language; returns a JSON-able dict.
+
+    First the evaluation images are checked against the images the model trained on:
+    `training_images` given, or by default those its run recorded next to the model
+    (`training_images.parquet`). Any overlap raises `ContaminationError` unless
+    `allow_contamination`; the result's "contamination" entry says what was checked
+    (`contamination`: the outcome of that check when the caller made it already).
+    """
+    if contamination is None:
+        contamination = check_contamination(bundle, data, training_images, allow_contamination)
     image_features = encode_images(bundle, data.images)
-    result: dict[str, Any] = {"model": name, "images": len(data.images), "languages": {}}
+    result: dict[str, Any] = {
+        "model": name,
+        "images": len(data.images),
+        "contamination": contamination,
+        "languages": {},
+    }
     for lang, texts in data.texts.items():
         if not texts:
             continue
         text_features = encode_texts(bundle, texts)
-        metrics = retrieval_metrics(image_features, text_features, data.text_to_image[lang])
+        metrics = retrieval_metrics(image_features, text_features, data.text_to_image[lang], texts)
         metrics["captions"] = len(texts)
         if zero_shot:
             for task_name, task in data.zero_shot.items():
@@ -137,6 +181,50 @@ def evaluate(
                     metrics[f"zs_{task_name}"] = acc
         result["languages"][lang] = metrics
     return result
+
+
+def check_contamination(
+    bundle: ClipBundle,
+    data: EvalData,
+    training_images: Fingerprints | str | None = "recorded",
+    allow: bool = False,
+) -> dict[str, Any]:
+    """Compare the evaluation images with the model's training images (see `evaluate`)."""
+    source = None
+    if isinstance(training_images, str):
+        source = find_run_index(bundle.source)
+        training_images = Fingerprints.load(source) if source is not None else None
+    if training_images is None:
+        log.warning(
+            "contamination not checked for %s: no record of the images it trained on "
+            "(training_images.parquet)",
+            bundle.source or bundle.name,
+        )
+        return {"checked": False, "reason": "no record of the model's training images"}
+    ids = data.image_ids or [None] * len(data.images)
+    overlap = ensure_clean(check_overlap(data.images, ids, training_images), allow)
+    return {
+        "checked": True,
+        "index": str(source) if source else None,
+        "allowed": bool(allow and overlap.total),
+        **overlap.to_dict(),
+    }
+
+
+def contamination_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What a report says first about contamination (empty when every model was clean)."""
+    lines = []
+    for model, result in results.items():
+        info = result.get("contamination") or {}
+        if info.get("total"):
+            lines.append(
+                f"**CONTAMINATED ({model})**: {info['total']} of {info['eval_images']} "
+                "evaluation images are in its training data; evaluated anyway "
+                "(--allow-contamination), so its figures are inflated."
+            )
+        elif info and not info.get("checked", True):
+            lines.append(f"Contamination not checked ({model}): {info.get('reason')}.")
+    return lines
 
 
 # ----------------------------------------------------------------------------- reports
@@ -150,7 +238,9 @@ def to_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
     present = [c for r in results.values() for m in r["languages"].values() for c in m]
     zero_shot = [c for c in dict.fromkeys(present) if c.startswith("zs_")]  # tasks in order
     cols = [c for c in (*_COLUMNS, *zero_shot) if c in present]
-    lines = ["| language | model | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    warnings = contamination_lines(results)
+    lines = [*warnings, ""] if warnings else []
+    lines += ["| language | model | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
     languages = sorted({lang for r in results.values() for lang in r["languages"]})
     for lang in languages:
         for model in models:

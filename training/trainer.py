@@ -33,15 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from babelcap.core.devices import resolve_device
+from babelcap.core.near_duplicates import Fingerprints
 from babelcap.core.shards import ShardSet, find_shards
 from babelcap.models.clip import ClipBundle, count_parameters, image_tower_id, load_clip, unwrap
 from babelcap.training.config import MethodConfig, TrainConfig
-from babelcap.training.contamination import (
-    INDEX_FILE,
-    index_training_images,
-    load_run_index,
-    merge,
-)
+from babelcap.training.contamination import INDEX_FILE, index_training_images, load_run_index
 from babelcap.training.data import (
     CaptionSelection,
     ShardStream,
@@ -522,9 +518,9 @@ def record_training_images(
         return path  # a resumed run: already recorded
     out.mkdir(parents=True, exist_ok=True)
     index = index_training_images(shards, splits)
-    base = load_run_index(base_model) if Path(base_model).is_dir() else None
+    base = load_run_index(base_model) if Path(base_model).exists() else None
     if base is not None:
-        index = merge([base, index])
+        index = Fingerprints.concat([base, index])
     index.save(path)
     stamp.write_text(json.dumps(key))
     log.info("recorded %d training images in %s", len(index), path)

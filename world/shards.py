@@ -33,6 +33,8 @@ def world_rows(
         if with_alt_text
         else {}
     )
+    # Each row keeps its own split (a `split=None` export holds every split, labelled).
+    splits = {r["image_path"]: r["split"] for r in load_gold(world_dir, "en", split)}
     rows = []
     for image_path, en_caps in gold["en"].items():
         data = (world_dir / image_path).read_bytes()
@@ -53,7 +55,7 @@ def world_rows(
             {
                 "image_id": schema.image_id_for(data),
                 "source_uri": image_path,
-                "split": split,
+                "split": splits[image_path],
                 "image": {"bytes": data if embed_bytes else None, "path": image_path},
                 "width": None,
                 "height": None,

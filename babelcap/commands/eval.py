@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-images", type=int, default=None, help="first N images only")
     parser.add_argument("--out", default=None, help="folder for results.json/.md/.png")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip zero-shot classes")
+    parser.add_argument(
+        "--allow-contamination",
+        action="store_true",
+        help="evaluate even when evaluation images are in a model's recorded training data "
+        "(refused by default; the report then says so in its first line)",
+    )
     parser.set_defaults(func=_eval)
 
 
@@ -75,9 +82,13 @@ def run_eval(
     world: str | None = None,
     shards: str | None = None,
     max_images: int | None = None,
+    allow_contamination: bool = False,
 ) -> dict:
-    """Evaluate `models` (label -> spec) on the dataset `data` (or `world` / `shards`)."""
+    """Evaluate `models` (label -> spec) on the dataset `data` (or `world` / `shards`), each
+    after checking the dataset's images against what the model's run recorded it trained on
+    (with an adapter: the adapter run's record, which includes its base model's)."""
     from babelcap.models.clip import load_clip
+    from babelcap.training.contamination import load_run_index
     from babelcap.training.eval_data import load_eval_data
     from babelcap.training.evaluate import evaluate, save_report, to_markdown
     from babelcap.training.export import load_adapter
@@ -93,7 +104,9 @@ def run_eval(
         name, _, pretrained = spec.partition("@")
         bundle = load_clip(name, pretrained or None)
         evaluate_fn = evaluate
+        training_images: Any = "recorded"
         if adapters and label in adapters:
+            training_images = load_run_index(adapters[label]) or "recorded"
             from babelcap.training import adapters as per_language
 
             if per_language.is_language_adapter_dir(adapters[label]):  # adapter/<lang>/ folders
@@ -101,7 +114,14 @@ def run_eval(
                 evaluate_fn = per_language.evaluate_with_adapters  # each language its adapter
             else:
                 load_adapter(bundle, adapters[label])
-        results[label] = evaluate_fn(bundle, dataset, name=label, zero_shot=zero_shot)
+        results[label] = evaluate_fn(
+            bundle,
+            dataset,
+            name=label,
+            zero_shot=zero_shot,
+            training_images=training_images,
+            allow_contamination=allow_contamination,
+        )
     print(to_markdown(results), end="")
     if out:
         paths = save_report(results, out)
@@ -122,5 +142,6 @@ def _eval(args: argparse.Namespace) -> int:
         not args.no_zero_shot,
         adapters,
         max_images=args.max_images,
+        allow_contamination=args.allow_contamination,
     )
     return 0

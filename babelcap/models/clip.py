@@ -42,6 +42,7 @@ class ClipBundle:
     model_cfg: dict[str, Any]
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    source: str | None = None  # the folder or config file it was loaded from, if local
 
 
 def _registry_dir() -> Path:
@@ -162,6 +163,7 @@ def load_clip(
         model_cfg,
         preprocess_cfg=dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
         pretrained=pretrained,
+        source=str(Path(name).resolve()) if Path(name).exists() else None,
     )
 
 

@@ -142,6 +142,7 @@ def _final_dir(out_dir: Path) -> Path:
 def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     from babelcap.models.clip import load_clip
     from babelcap.training.config import TrainConfig
+    from babelcap.training.contamination import INDEX_FILE
     from babelcap.training.evaluate import evaluate
     from babelcap.training.export import export_open_clip
     from babelcap.training.trainer import train
@@ -192,6 +193,8 @@ def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, A
         bundle = load_clip(str(out_dir / MODEL_CONFIG))
         summary = train(cfg, bundle=bundle)
         shutil.copy(Path(tmp) / "run" / "metrics.jsonl", out_dir / "train_metrics.jsonl")
+        # What the base CLIP trained on travels with it: evaluations check against it.
+        shutil.copy(Path(tmp) / "run" / INDEX_FILE, out_dir / INDEX_FILE)
     export_open_clip(bundle, out_dir, name="world-clip")
     _fix_paths(out_dir)
 
