@@ -65,6 +65,7 @@ def run_adapters(
     from babelcap.models.clip import load_clip
     from babelcap.training import adapters as ad
     from babelcap.training.config import TrainConfig
+    from babelcap.training.contamination import load_run_index
     from babelcap.training.eval_data import load_eval_data
     from babelcap.training.runs import run
 
@@ -118,7 +119,13 @@ def run_adapters(
         seconds = time.perf_counter() - start
         bundle = load_clip(str(base))
         ad.load_language_adapters(bundle.model, summary["adapter"])
-        res = ad.evaluate_with_adapters(bundle, data, mode, zero_shot=False)
+        res = ad.evaluate_with_adapters(
+            bundle,
+            data,
+            mode,
+            zero_shot=False,
+            training_images=load_run_index(summary["adapter"]),
+        )
         recall = {lang: m["mean_recall"] for lang, m in res["languages"].items()}
         name = ad.language_adapters(bundle.model)[0]
         results[mode] = {

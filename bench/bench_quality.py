@@ -1,8 +1,11 @@
 """Quality benchmark on the world: what each part of the recipe buys, over seeds.
 
-On one world, with the world's models, the Beam pipeline augments the training split (targets
-pt, es, de, hi) in four settings, every recipe trains from the English-only world CLIP, and
-each is evaluated on the world's test split (gold captions, every world language):
+On one world, with the world's models, the Beam pipeline augments the world's manifest (every
+split, each row labelled with its split; targets pt, es, de, hi) in four settings; every recipe
+trains from the English-only world CLIP on the train rows only (the trainer's `data.splits`
+default) and is evaluated on the world's test split (gold captions, every world language), after
+the evaluation has checked that no test image is among the images the run recorded it trained
+on (by id and perceptual hash; an overlap stops the benchmark):
 
 - base: the English-only world CLIP, untrained;
 - alt-text only: the source English alt-text translated (no captioner). The world's alt-text
@@ -25,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -111,12 +113,13 @@ def median_synthetic_score(shards: Path) -> float:
 
 
 def train_and_eval(
-    recipe: Recipe, out: Path, seed: int, steps: int | None, base: Path, data
+    recipe: Recipe, out: Path, seed: int, steps: int | None, base: Path, data, world: Path
 ) -> dict[str, Any]:
     """Train one recipe for one seed (skipped when its output is there); evaluate it."""
     from babelcap.models.clip import load_clip
     from babelcap.training import adapters as per_language
     from babelcap.training.config import load_config
+    from babelcap.training.contamination import load_run_index
     from babelcap.training.evaluate import evaluate
     from babelcap.training.runs import run
 
@@ -129,10 +132,11 @@ def train_and_eval(
     ]
     if steps:
         overrides.append(f"optim.max_steps={steps}")
-    cfg = load_config(str(recipe.config), overrides)
+    if recipe.method == "continual":
+        overrides.append("run.resume=true")  # stages trained with these settings are reused
+    cfg = load_config(str(recipe.config), overrides, variables={"BABELCAP_WORLD": str(world)})
     done = out / "summary.json"
     if recipe.method == "continual":
-        cfg.run.resume = True  # stages already trained with these settings are reused
         summary = run(cfg)
         return evaluate(load_clip(str(Path(summary["export"]).parent)), data, zero_shot=False)
     if not done.exists():
@@ -140,7 +144,9 @@ def train_and_eval(
     if recipe.method == "alignment":
         bundle = load_clip(str(base))
         per_language.load_language_adapters(bundle.model, str(out / "adapter"))
-        return per_language.evaluate_with_adapters(bundle, data, zero_shot=False)
+        return per_language.evaluate_with_adapters(
+            bundle, data, zero_shot=False, training_images=load_run_index(out / "adapter")
+        )
     return evaluate(load_clip(str(out / "export")), data, zero_shot=False)
 
 
@@ -259,7 +265,6 @@ def main() -> int:
     from babelcap.world.shards import write_world_shards
 
     world = Path(args.world).resolve() if args.world else default_world(args.quick)
-    os.environ["BABELCAP_WORLD"] = str(world)
     models = ["captioner", "m2m-multi", "clip-base"]
     build_models(world, only=models)
     # Runs are reused only for the same world and models (their build stamps).
@@ -307,7 +312,7 @@ def main() -> int:
         for seed in seeds:
             print(f"[quality] {recipe.name}, seed {seed} ...", flush=True)
             run_dir = out / "runs" / f"r{i}-{recipe.method}-s{seed}-{steps or 'cfg'}"
-            runs.append(train_and_eval(recipe, run_dir, seed, steps, base_dir, data))
+            runs.append(train_and_eval(recipe, run_dir, seed, steps, base_dir, data, world))
         recipes[recipe.name] = summarise(runs)
 
     steps_note = ", ".join(f"{k} {v}" for k, v in QUICK_STEPS.items()) if args.quick else "configs'"

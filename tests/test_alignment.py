@@ -211,7 +211,12 @@ def _trainer(world_dir, base_dir, tmp_path, adapters: str):
     cfg = TrainConfig.from_dict(
         {
             "model": {"name": str(base_dir)},
-            "data": {"train": [str(p) for p in shards], "languages": ["pt", "hi"]},
+            # The small val split keeps this quick; the trainer must be told to read it.
+            "data": {
+                "train": [str(p) for p in shards],
+                "languages": ["pt", "hi"],
+                "splits": ["val"],
+            },
             "method": {
                 "name": "alignment",
                 "options": {"adapters": adapters, "languages": ["pt", "hi"]},
