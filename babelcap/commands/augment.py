@@ -18,7 +18,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from babelcap.core.config import Flag, add_flags, apply_flags, interpolate, read_config
+from babelcap.core.config import (
+    Flag,
+    add_config_arguments,
+    add_flags,
+    apply_flags,
+    interpolate,
+    read_config,
+)
 
 IO, CAPTIONING, TRANSLATION, FILTERS = (
     "input / output",
@@ -88,16 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The augment flags (shared with beam_runner.py)."""
     from babelcap.pipelines.options import AugmentConfig
 
-    parser.add_argument(
-        "--config", help="JSON or YAML file with an AugmentConfig (--set and flags override)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. clip.score_threshold=0.2 (value parsed as YAML)",
+    add_config_arguments(
+        parser,
+        "JSON or YAML file with an AugmentConfig (--set and flags override)",
+        "clip.score_threshold=0.2",
     )
     add_flags(parser, AugmentConfig, FLAGS)
     dec = parser.add_argument_group("decontamination")

@@ -8,6 +8,7 @@ import os
 
 from babelcap.core.config import (
     Flag,
+    add_config_arguments,
     add_flags,
     apply_flags,
     apply_overrides,
@@ -48,15 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train from a YAML config (see configs/). Several GPUs: "
         "`torchrun --nproc_per_node N -m babelcap.cli train ...`.",
     )
-    parser.add_argument("--config", help="YAML training config (configs/*.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. optim.lr=1e-4 (value parsed as YAML)",
-    )
+    add_config_arguments(parser, "YAML training config (configs/*.yaml)", "optim.lr=1e-4")
     add_flags(parser, TrainConfig, FLAGS)
     parser.add_argument("--world", help="world folder: the config's ${BABELCAP_WORLD}")
     parser.add_argument(

@@ -443,6 +443,20 @@ def _help(flag: Flag, field: FieldInfo) -> str:
     return text.replace("%", "%%")
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, example: str) -> None:
+    """`--config FILE` and repeatable `--set KEY=VALUE` (dest `overrides`), the same for every
+    command built on a config model; `example` is a `--set` value shown in the help."""
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. {example} (value parsed as YAML)",
+    )
+
+
 def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], flags: Iterable[Flag]):
     """Add the flags to `parser` (in argument groups where `Flag.group` says); every default is
     None, so only flags given on the command line change the configuration."""
