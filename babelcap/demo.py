@@ -128,6 +128,21 @@ def eval_step(cfg: DemoConfig, world: Path, run_dir: Path, report: Path) -> dict
     return results
 
 
+def _contamination_line(results: dict[str, Any]) -> str:
+    """What the evaluation's contamination check found, in one sentence."""
+    parts = []
+    for label, result in results.items():
+        info = result.get("contamination") or {}
+        if info.get("checked"):
+            parts.append(
+                f"{label}: {info['total']} of {info['eval_images']} test images among its "
+                f"{info['training_images']} recorded training images"
+            )
+        else:
+            parts.append(f"{label}: not checked ({info.get('reason', 'no record')})")
+    return "Contamination check (image id and perceptual hash): " + "; ".join(parts) + "."
+
+
 def examples_step(cfg: DemoConfig, shards: Path, report: Path) -> list[dict[str, Any]]:
     """A few images with every caption the pipeline wrote for them."""
     import pyarrow.dataset as ds
@@ -189,6 +204,8 @@ def write_report(
         f"(training configuration: `{Path(cfg.train_config).name}`).",
         "",
         "## Retrieval on the world's test split (gold captions)",
+        "",
+        _contamination_line(results),
         "",
         table,
         "",
