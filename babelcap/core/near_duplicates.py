@@ -86,14 +86,24 @@ class Fingerprints:
 
     @classmethod
     def concat(cls, parts: Sequence[Fingerprints]) -> Fingerprints:
+        """All images of `parts`, each image id once (the first one kept)."""
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls()
+        ids = [i for p in parts for i in p.image_ids]
+        seen: set[str] = set()
+        keep = []
+        for k, image_id in enumerate(ids):
+            if image_id is None:
+                keep.append(k)
+            elif image_id not in seen:
+                keep.append(k)
+                seen.add(image_id)
         return cls(
-            image_ids=[i for p in parts for i in p.image_ids],
-            hashes=np.concatenate([p.hashes for p in parts]),
-            thumbs=np.concatenate([p.thumbs for p in parts]),
-            has_pixels=np.concatenate([p.has_pixels for p in parts]),
+            image_ids=[ids[k] for k in keep],
+            hashes=np.concatenate([p.hashes for p in parts])[keep],
+            thumbs=np.concatenate([p.thumbs for p in parts])[keep],
+            has_pixels=np.concatenate([p.has_pixels for p in parts])[keep],
         )
 
     def match(self, im: Image.Image, image_id: str | None = None) -> dict[str, Any] | None:
