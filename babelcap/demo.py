@@ -128,21 +128,6 @@ def eval_step(cfg: DemoConfig, world: Path, run_dir: Path, report: Path) -> dict
     return results
 
 
-def _contamination_line(results: dict[str, Any]) -> str:
-    """What the evaluation's contamination check found, in one sentence."""
-    parts = []
-    for label, result in results.items():
-        info = result.get("contamination") or {}
-        if info.get("checked"):
-            parts.append(
-                f"{label}: {info['total']} of {info['eval_images']} test images among its "
-                f"{info['training_images']} recorded training images"
-            )
-        else:
-            parts.append(f"{label}: not checked ({info.get('reason', 'no record')})")
-    return "Contamination check (image id and perceptual hash): " + "; ".join(parts) + "."
-
-
 def examples_step(cfg: DemoConfig, shards: Path, report: Path) -> list[dict[str, Any]]:
     """A few images with every caption the pipeline wrote for them."""
     import pyarrow.dataset as ds
@@ -188,7 +173,7 @@ def write_report(
     run_dir: Path,
     seconds: dict[str, float],
 ) -> Path:
-    from babelcap.training.evaluate import to_markdown
+    from babelcap.training.evaluate import contamination_lines, to_markdown
 
     curve = run_dir / "training_curve.png"
     if curve.exists():
@@ -205,7 +190,7 @@ def write_report(
         "",
         "## Retrieval on the world's test split (gold captions)",
         "",
-        _contamination_line(results),
+        " ".join(contamination_lines(results, include_clean=True)),
         "",
         table,
         "",

@@ -22,7 +22,6 @@ from babelcap.pipelines.deadletter import DEAD
 from babelcap.pipelines.decontaminate import FLAGGED_SPLIT, MATCHES_EVAL_SET, DropEvalImages
 from babelcap.training.contamination import (
     ContaminationError,
-    TrainingImages,
     check_overlap,
     ensure_clean,
     index_training_images,
@@ -106,7 +105,7 @@ def test_reencoded_copy_is_caught_and_distinct_scenes_are_not(world_dir, tmp_pat
 
     # Saved with a run and loaded back, the index finds the same overlap.
     index.save(tmp_path / "index.parquet")
-    again = check_overlap(test_images, test_ids, TrainingImages.load(tmp_path / "index.parquet"))
+    again = check_overlap(test_images, test_ids, Fingerprints.load(tmp_path / "index.parquet"))
     assert again.to_dict() == overlap.to_dict()
 
 

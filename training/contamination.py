@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "training_images.parquet"
 
-TrainingImages = Fingerprints  # the images a model trained on
-
 
 class ContaminationError(ValueError):
     """The evaluation images overlap the training images."""

@@ -211,12 +211,21 @@ def check_contamination(
     }
 
 
-def contamination_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """What a report says first about contamination (empty when every model was clean)."""
+def contamination_lines(
+    results: Mapping[str, Mapping[str, Any]], include_clean: bool = False
+) -> list[str]:
+    """What a report says first about contamination, a line per model that overlapped or was
+    not checked (and, with `include_clean`, per model that was checked and clean)."""
     lines = []
     for model, result in results.items():
         info = result.get("contamination") or {}
-        if info.get("total"):
+        if include_clean and info.get("checked") and not info.get("total"):
+            lines.append(
+                f"Contamination check ({model}): 0 of {info['eval_images']} evaluation images "
+                f"among its {info['training_images']} recorded training images (image id and "
+                "perceptual hash)."
+            )
+        elif info.get("total"):
             lines.append(
                 f"**CONTAMINATED ({model})**: {info['total']} of {info['eval_images']} "
                 "evaluation images are in its training data; evaluated anyway "

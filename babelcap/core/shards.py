@@ -33,7 +33,6 @@ SHARDS_DIR = "shards"
 DEAD_LETTER_DIR = "dead_letter"
 RUN_MANIFEST = "run_manifest.json"
 ROW_GROUP_SIZE = 256
-ALL_KINDS = (schema.KIND_SHARD, schema.KIND_DEAD_LETTER)
 
 
 class IncompleteOutputError(FileNotFoundError):
