@@ -19,6 +19,37 @@ DEAD = "dead_letter"
 # Dead-letter error kinds that are not failures but dropped duplicate images.
 DUPLICATE_IMAGE = "duplicate_image"
 
+# Kinds whose cause may go away by itself (an object store or network hiccup that outlived
+# the reader's own retries): re-running just these inputs can succeed (`--retry-failed`).
+TRANSIENT_KINDS: frozenset[str] = frozenset({"read_error"})
+
+# Kinds the input itself causes: the same input fails the same way on every run, so retrying
+# is pointless until the user fixes it. (Kinds not listed in either set are treated as
+# permanent: an unknown kind is never retried blindly.)
+PERMANENT_READ_KINDS: frozenset[str] = frozenset(
+    {
+        "missing_file",  # the path does not exist
+        "not_a_regular_file",  # a folder, FIFO, device or socket: never opened for reading
+        "permission_denied",
+        "unreadable",  # any other permanent read failure
+        "file_too_large",  # over --max-file-bytes (a file, a tar member or embedded bytes)
+        "path_outside_manifest",  # relative path climbing out of the manifest's folder
+        "bad_manifest_row",  # unparsable row, wrong types, too long, no image column
+        "bad_manifest",  # the manifest file itself is unreadable from some line on
+        "unknown_input",  # --input is a file whose format is not known
+        "bad_tar",  # not a tar of the compression its name says, or corrupt from here on
+        "unsafe_member",  # sparse, link, device or FIFO member inside a tar
+        "bad_sample",  # tar sample: bad .json metadata, duplicate member
+        "split_sample",  # a member arriving after its sample was emitted (interleaved tar)
+        "no_image_in_sample",
+    }
+)
+
+
+def is_transient(kind: str) -> bool:
+    """True when a dead letter of this kind may succeed if simply run again."""
+    return kind in TRANSIENT_KINDS
+
 
 def reject(
     element: dict[str, Any], stage: str, kind: str, message: str = ""

@@ -2,59 +2,158 @@
 
 Three kinds, chosen by `AugmentConfig.input_format` (or guessed from the path):
 - folder: every file under a directory (recursive) whose extension looks like an image;
-- manifest: JSONL, CSV or Parquet with an image path/URI column and optional caption, language
-  and split columns (relative paths resolve against the manifest's folder);
-- webdataset: tar shards (a file, a glob or a folder of `.tar`), members grouped by key
-  (`key.jpg`, `key.txt`, `key.json`); members are read in memory, never extracted.
+- manifest: JSONL, CSV or Parquet (JSONL/CSV may be compressed: `.jsonl.gz`, `.csv.bz2`, ...)
+  with an image path/URI column (or a Hugging Face-style `image` struct of bytes and path) and
+  optional caption, language and split columns;
+- webdataset: tar shards (a file, a glob or a folder of `.tar` / `.tar.gz` / `.tgz` ...),
+  members grouped by key (`key.jpg`, `key.txt`, `key.json`); read in memory, never extracted.
+
+Bad input never stops a run: everything is streamed and bounded, and whatever cannot be read
+becomes a dead letter with its reference and reason (kinds: `deadletter.PERMANENT_READ_KINDS`).
+- Manifests are read line by line (split on `\\n` only: U+2028 inside a JSON string is data);
+  a line or CSV row over `MAX_ROW_BYTES`, JSON nested too deep, a CSV field over the limit, a
+  path or language that is not a string: that row is a dead letter, the rest go on.
+- Relative manifest paths resolve inside the manifest's folder and may not climb out of it
+  (`path_outside_manifest`) unless `allow_outside_paths`; absolute paths and URIs are the
+  user's explicit choice and stay allowed.
+- Tars are opened with the compression their name says (`.tar` is uncompressed: a gzip stream
+  named `.tar` is a `bad_tar` dead letter, never inflated); member sizes are checked from the
+  header before any byte is read (`max_file_bytes`; `.txt`/`.json` members `MAX_ROW_BYTES`);
+  sparse, link and device members are refused (`unsafe_member`); members of one key are
+  grouped even when interleaved, within a window of `WDS_GROUP_WINDOW` later keys.
+- Language codes are normalised once, here, through the translators' language table
+  (`en-US`, `pt_BR` -> `en`, `pt`); an unknown code is kept as given and counted.
+- `ReadBytes` refuses non-regular local files from `os.stat` before opening them, bounds every
+  read, and retries transient errors (object stores, network) before dead-lettering them as
+  `read_error` (the one transient kind).
 
 All file access goes through `apache_beam.io.filesystems.FileSystems`, so `gs://` works on
 Dataflow. An input record is a dict:
     input_ref, uri, data (bytes or None), split, source_caption, source_caption_error,
-    source_language, order (a sort key that fixes which duplicate is kept), stats
+    source_language, source_language_given, order (a sort key that fixes which duplicate is
+    kept), stats
 """
 
 from __future__ import annotations
 
 import csv
-import io
+import errno
 import json
+import os
 import posixpath
+import stat
 import tarfile
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from functools import lru_cache
+from typing import IO, Any
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from babelcap.pipelines.accounting import INPUTS, bump
 from babelcap.pipelines.deadletter import DEAD, reject
 from babelcap.pipelines.options import AugmentConfig
+from babelcap.translators.languages import resolve
 
-MANIFEST_EXTENSIONS = (".jsonl", ".json", ".ndjson", ".csv", ".parquet")
+TEXT_MANIFEST_EXTENSIONS = (".jsonl", ".json", ".ndjson", ".csv")
+MANIFEST_EXTENSIONS = (*TEXT_MANIFEST_EXTENSIONS, ".parquet")
+# Compressions a text manifest may carry, by extension (Beam's FileSystems decompress them).
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".xz", ".deflate")
+# Tar name endings -> tarfile stream mode. Chosen from the name, never sniffed (`r|*` would
+# inflate a gzip bomb named `.tar`).
+TAR_MODES = {
+    ".tar": "r|",
+    ".tar.gz": "r|gz",
+    ".tgz": "r|gz",
+    ".tar.bz2": "r|bz2",
+    ".tbz2": "r|bz2",
+    ".tar.xz": "r|xz",
+    ".txz": "r|xz",
+}
 IMAGE_COLUMNS = ("image_path", "image", "path", "file", "filename", "file_name", "url", "uri")
 CAPTION_COLUMNS = ("caption", "text", "alt_text", "alt", "txt")
 LANGUAGE_COLUMNS = ("language", "lang")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+WDS_TEXT_EXTS = ("txt", "json")
+
+# Longest manifest line / CSV row, and largest `.txt`/`.json` tar member, in bytes. A caption
+# is at most a few KB; this only stops a runaway row from taking the worker's memory.
+MAX_ROW_BYTES = 1024 * 1024
+# An interleaved tar (a.png, b.png, a.txt) still groups `a` when its members are at most this
+# many keys apart; a sample is emitted once this many newer keys have started (bounded memory).
+WDS_GROUP_WINDOW = 16
+# Keys of emitted samples remembered per tar to recognise a late member (`split_sample`); an
+# even later one becomes a sample of its own (accounted for either way).
+MAX_REMEMBERED_KEYS = 100_000
+# Transient read errors are retried this many times, waiting READ_BACKOFF_S * 2**attempt.
+READ_RETRIES = 3
+READ_BACKOFF_S = 0.5
+
+# csv's default field limit is 131,072 characters; a field up to a whole row is allowed (and
+# bounded by the row limit), a larger one is a csv.Error for that row only.
+csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_BYTES))
+
+
+def _strip_compression(lower: str) -> str:
+    for suffix in COMPRESSION_SUFFIXES:
+        if lower.endswith(suffix):
+            return lower[: -len(suffix)]
+    return lower
+
+
+def tar_mode(path: str) -> str | None:
+    """The tarfile stream mode for a tar name (`.tar` -> uncompressed), None if not a tar."""
+    lower = path.lower()
+    return next((m for ext, m in TAR_MODES.items() if lower.endswith(ext)), None)
 
 
 def detect_format(path: str) -> str:
     lower = path.lower()
-    if lower.endswith(MANIFEST_EXTENSIONS):
+    if lower.endswith(".parquet") or _strip_compression(lower).endswith(TEXT_MANIFEST_EXTENSIONS):
         return "manifest"
-    if lower.endswith(".tar") or (".tar" in lower and any(c in lower for c in "*?{[")):
+    if tar_mode(lower) or (".tar" in lower and any(c in lower for c in "*?{[")):
         return "webdataset"
     return "folder"
 
 
-def _join(base_dir: str, path: str) -> str:
-    """Resolve a manifest path against the manifest's folder (URIs and absolutes untouched)."""
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def _resolve_path(base_dir: str, path: str, allow_outside: bool) -> str | None:
+    """A manifest path -> the path to read, or None when a relative path climbs out of the
+    manifest's folder (and that is not allowed). URIs and absolute paths are untouched."""
     if "://" in path or path.startswith("/"):
         return path
-    return FileSystems.join(base_dir, path) if base_dir else path
+    rel = posixpath.normpath(path)
+    if not allow_outside and (rel == ".." or rel.startswith("../")):
+        return None
+    if not base_dir:
+        return rel
+    scheme, sep, rest = base_dir.partition("://")
+    joined = posixpath.normpath(posixpath.join(rest if sep else scheme, rel))
+    return f"{scheme}://{joined}" if sep else joined
 
 
 def _dirname(path: str) -> str:
     return FileSystems.split(path)[0]
+
+
+@lru_cache(maxsize=4096)
+def normalize_language(code: str) -> tuple[str, bool]:
+    """(canonical code, known): `en-US` / `pt_BR` / `por` -> `en` / `pt`; an unknown code is
+    kept as given (trimmed) with known=False."""
+    try:
+        return resolve(code).code, True
+    except ValueError:
+        return code.strip(), False
 
 
 def _record(input_ref: str, order: tuple, **fields: Any) -> dict[str, Any]:
@@ -66,6 +165,7 @@ def _record(input_ref: str, order: tuple, **fields: Any) -> dict[str, Any]:
         "source_caption": None,
         "source_caption_error": None,
         "source_language": None,
+        "source_language_given": None,
         "order": order,
         "stats": {},
     }
@@ -74,8 +174,21 @@ def _record(input_ref: str, order: tuple, **fields: Any) -> dict[str, Any]:
     return rec
 
 
+def _with_language(rec: dict[str, Any], given: str) -> dict[str, Any]:
+    """Set the record's source language from a given code, normalised once here."""
+    code, known = normalize_language(given)
+    rec["source_language"] = code
+    rec["source_language_given"] = given
+    if not known:
+        bump(rec, "read.language_unknown")
+    elif code != given:
+        bump(rec, "read.language_normalised")
+    return rec
+
+
 def _text(value: Any) -> tuple[str | None, str | None]:
-    """A caption value -> (text, error). Invalid UTF-8 is reported, not guessed at."""
+    """A caption value -> (text, error). Invalid UTF-8 is reported, not guessed at; a value
+    that is not text (a number, a list) is reported too, not stringified."""
     if value is None:
         return None, None
     if isinstance(value, bytes):
@@ -83,18 +196,75 @@ def _text(value: Any) -> tuple[str | None, str | None]:
             return value.decode("utf-8"), None
         except UnicodeDecodeError:
             return None, "invalid_utf8"
-    text = str(value)
+    if not isinstance(value, str):
+        return None, "not_text"
     try:
-        text.encode("utf-8")  # lone surrogates from surrogateescape decoding
+        value.encode("utf-8")  # lone surrogates from surrogateescape decoding
     except UnicodeEncodeError:
         return None, "invalid_utf8"
-    return text, None
+    return value, None
 
 
 def _pick(row: dict[str, Any], wanted: str | None, candidates: tuple[str, ...]) -> str | None:
     if wanted:
         return wanted if wanted in row else None
     return next((c for c in candidates if c in row), None)
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+class RowError(ValueError):
+    """One manifest row or tar sample is unusable: (kind, message) for its dead letter."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _bounded_lines(f: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line without its `\\n`) from a binary stream, split on `\\n` only; a line
+    longer than `limit` bytes is skipped without being held (None in its place)."""
+    lineno = 0
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # drain the rest of the long line
+                line = f.readline(limit + 1)
+            yield lineno, None
+            continue
+        yield lineno, line[:-1] if line.endswith(b"\n") else line
+
+
+def _decode(line: bytes) -> str:
+    # surrogateescape keeps invalid UTF-8 bytes visible (as lone surrogates) so the one bad
+    # caption is rejected with a reason instead of the whole manifest failing.
+    return line.decode("utf-8", errors="surrogateescape")
+
+
+class _CsvLines:
+    """Feeds csv.reader decoded physical lines and remembers which were over the limit."""
+
+    def __init__(self, lines: Iterator[tuple[int, bytes | None]]):
+        self.lines = lines
+        self.too_long: list[int] = []
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        lineno, line = next(self.lines)
+        if line is None:
+            self.too_long.append(lineno)
+            return "\n"
+        text = _decode(line)
+        if lineno == 1:
+            text = text.removeprefix("\ufeff")  # spreadsheets' UTF-8 byte-order mark
+        return text + "\n"
 
 
 class ExpandInput(beam.DoFn):
@@ -115,7 +285,18 @@ class ExpandInput(beam.DoFn):
             yield from self._webdataset(path)
 
     # --- folder -------------------------------------------------------------------------
-    def _folder(self, folder: str) -> Iterator[dict[str, Any]]:
+    def _folder(self, folder: str) -> Iterator[Any]:
+        if _is_local(folder) and os.path.isfile(_local(folder)):
+            # A file of unknown kind is not an empty folder: say so instead of 0 inputs.
+            rec = _record(folder, (folder, 0), uri=folder)
+            yield reject(
+                rec,
+                "read",
+                "unknown_input",
+                f"{folder}: a file, but not a known manifest ({', '.join(MANIFEST_EXTENSIONS)}"
+                f", optionally compressed) or tar ({', '.join(TAR_MODES)}); set input_format",
+            )
+            return
         exts = tuple(e.lower() for e in self.config.image_extensions)
         pattern = folder.rstrip("/") + "/**"
         metas = FileSystems.match([pattern])[0].metadata_list
@@ -127,171 +308,453 @@ class ExpandInput(beam.DoFn):
 
     # --- manifest -----------------------------------------------------------------------
     def _manifest(self, path: str) -> Iterator[Any]:
-        base = _dirname(path)
         lower = path.lower()
         if lower.endswith(".parquet"):
             rows = self._parquet_rows(path)
-        elif lower.endswith(".csv"):
+        elif _strip_compression(lower).endswith(".csv"):
             rows = self._csv_rows(path)
         else:
             rows = self._jsonl_rows(path)
-        cfg = self.config
-        for lineno, row, error in rows:
+        base = _dirname(path)
+        lineno = 0
+        while True:
+            try:
+                lineno, row, error = next(rows)
+            except StopIteration:
+                return
+            except Exception as exc:  # the file itself: missing, corrupt gzip, bad header
+                kind = classify_read_error(exc)[0] if isinstance(exc, OSError) else "bad_manifest"
+                ref = f"{path}#after:L{lineno}" if lineno else path
+                msg = f"{path}: rest of the manifest unreadable: {type(exc).__name__}: {exc}"
+                yield reject(_record(ref, (path, lineno + 1)), "read", kind, msg)
+                return
             ref = f"{path}#L{lineno}"
-            if error is not None:
-                rec = _record(ref, (path, lineno))
-                yield reject(rec, "read", "bad_manifest_row", error)
-                continue
-            img_col = _pick(row, cfg.image_column, IMAGE_COLUMNS)
-            if img_col is None or not row.get(img_col):
-                rec = _record(ref, (path, lineno))
-                yield reject(rec, "read", "bad_manifest_row", f"no image column in {sorted(row)}")
-                continue
-            image_ref, _ = _text(row[img_col])
-            cap_col = _pick(row, cfg.caption_column, CAPTION_COLUMNS)
-            lang_col = _pick(row, cfg.language_column, LANGUAGE_COLUMNS)
-            caption, cap_err = _text(row.get(cap_col)) if cap_col else (None, None)
-            language, _ = _text(row.get(lang_col)) if lang_col else (None, None)
-            split, _ = _text(row.get("split"))
-            yield _record(
-                ref,
-                (path, lineno),
-                uri=_join(base, image_ref or ""),
-                split=split,
-                source_caption=caption,
-                source_caption_error=cap_err,
-                source_language=language or cfg.source_language,
+            try:
+                if error is not None:
+                    raise RowError("bad_manifest_row", error)
+                yield self._manifest_record(ref, (path, lineno), base, row)
+            except RowError as exc:
+                yield reject(_record(ref, (path, lineno)), "read", exc.kind, str(exc))
+            except Exception as exc:  # any other surprise in one row stays in that row
+                msg = f"{type(exc).__name__}: {exc}"
+                yield reject(_record(ref, (path, lineno)), "read", "bad_manifest_row", msg)
+
+    def _manifest_record(self, ref: str, order: tuple, base: str, row: dict) -> dict[str, Any]:
+        cfg = self.config
+        img_col = _pick(row, cfg.image_column, IMAGE_COLUMNS)
+        value = row.get(img_col) if img_col else None
+        if value is None or value == "":
+            raise RowError("bad_manifest_row", f"no image column in {sorted(map(str, row))}")
+        data = None
+        if isinstance(value, dict):  # Hugging Face `Image` feature: {"bytes", "path"}
+            data, value = value.get("bytes"), value.get("path")
+            if data is not None and not isinstance(data, bytes):
+                raise RowError("bad_manifest_row", f"image bytes are a {_type_name(data)}")
+            if data is None and not value:
+                raise RowError("bad_manifest_row", "image struct with neither bytes nor path")
+        if value is not None and not isinstance(value, str):
+            raise RowError(
+                "bad_manifest_row", f"image path must be a string, not {_type_name(value)}"
             )
+        if value is not None and ("\x00" in value or not value.strip()):
+            raise RowError("bad_manifest_row", f"bad image path {value[:200]!r}")
+        if data is not None:
+            if len(data) > cfg.max_file_bytes:
+                raise RowError("file_too_large", f"embedded image > {cfg.max_file_bytes} bytes")
+            uri = value or ref
+        else:
+            uri = _resolve_path(base, value, cfg.allow_outside_paths)
+            if uri is None:
+                raise RowError(
+                    "path_outside_manifest",
+                    f"{value[:200]!r} leaves the manifest's folder {base} "
+                    "(use an absolute path, or allow_outside_paths)",
+                )
+        cap_col = _pick(row, cfg.caption_column, CAPTION_COLUMNS)
+        caption, cap_err = _text(row.get(cap_col)) if cap_col else (None, None)
+        lang_col = _pick(row, cfg.language_column, LANGUAGE_COLUMNS)
+        language = row.get(lang_col) if lang_col else None
+        if language is not None and not isinstance(language, str):
+            raise RowError(
+                "bad_manifest_row", f"language must be a string code, not {_type_name(language)}"
+            )
+        split = row.get("split")
+        if split is not None and not isinstance(split, str):
+            raise RowError("bad_manifest_row", f"split must be a string, not {_type_name(split)}")
+        rec = _record(
+            ref,
+            order,
+            uri=uri,
+            data=data,
+            split=split or None,
+            source_caption=caption,
+            source_caption_error=cap_err,
+        )
+        return _with_language(rec, (language or "").strip() or cfg.source_language)
 
     @staticmethod
-    def _read_text(path: str) -> str:
-        with FileSystems.open(path) as f:
-            raw = f.read()
-        # surrogateescape keeps invalid UTF-8 bytes visible (as lone surrogates) so the one
-        # bad caption is rejected with a reason instead of the whole manifest failing.
-        return raw.decode("utf-8", errors="surrogateescape")
+    def _open_text(path: str) -> IO[bytes]:
+        # Compression from the name (`.jsonl.gz`); Beam streams it (remote files too).
+        return FileSystems.open(path, compression_type=CompressionTypes.AUTO)
 
     def _jsonl_rows(self, path: str) -> Iterator[tuple[int, dict, str | None]]:
-        text = self._read_text(path)
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
+        with self._open_text(path) as f:
+            for lineno, line in _bounded_lines(f, MAX_ROW_BYTES):
+                if line is None:
+                    yield lineno, {}, f"line longer than {MAX_ROW_BYTES} bytes"
+                    continue
+                text = _decode(line)
+                if lineno == 1:
+                    text = text.removeprefix("\ufeff")
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except RecursionError:
+                    yield lineno, {}, "invalid JSON: nested too deeply"
+                    continue
+                except ValueError as exc:
+                    yield lineno, {}, f"invalid JSON: {exc}"
+                    continue
                 if not isinstance(row, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                yield lineno, {}, f"invalid JSON: {exc}"
-                continue
-            yield lineno, row, None
+                    yield lineno, {}, f"not a JSON object but a {_type_name(row)}"
+                    continue
+                yield lineno, row, None
 
     def _csv_rows(self, path: str) -> Iterator[tuple[int, dict, str | None]]:
-        reader = csv.DictReader(io.StringIO(self._read_text(path), newline=""))
-        for i, row in enumerate(reader, start=2):  # line 1 is the header
-            yield i, {k: v for k, v in row.items() if k is not None}, None
+        with self._open_text(path) as f:
+            lines = _CsvLines(_bounded_lines(f, MAX_ROW_BYTES))
+            reader = csv.reader(lines)
+            header: list[str] | None = None
+            while True:
+                start = reader.line_num + 1
+                try:
+                    values = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    lines.too_long.clear()
+                    if header is None:
+                        raise ValueError(f"{path}: unreadable CSV header: {exc}") from exc
+                    yield start, {}, f"CSV: {exc}"
+                    continue
+                if lines.too_long:
+                    lines.too_long.clear()
+                    if header is None:
+                        raise ValueError(f"{path}: CSV header longer than {MAX_ROW_BYTES} bytes")
+                    yield start, {}, f"row longer than {MAX_ROW_BYTES} bytes"
+                    continue
+                if header is None:
+                    header = [h.strip() for h in values]
+                    continue
+                if not any(v.strip() for v in values):
+                    continue  # blank line
+                yield start, dict(zip(header, values, strict=False)), None
 
     def _parquet_rows(self, path: str) -> Iterator[tuple[int, dict, str | None]]:
         import pyarrow.parquet as pq
 
-        with FileSystems.open(path) as f:
-            pf = pq.ParquetFile(io.BytesIO(f.read()))
-        i = 0
-        for batch in pf.iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                i += 1
-                yield i, row, None
+        # Read from the open file in small batches (never the whole file into memory): a
+        # Hugging Face manifest can carry every image's bytes.
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            pf = pq.ParquetFile(f)
+            i = 0
+            for batch in pf.iter_batches(batch_size=64):
+                for row in batch.to_pylist():
+                    i += 1
+                    yield i, row, None
 
     # --- webdataset ---------------------------------------------------------------------
     def _webdataset(self, pattern: str) -> Iterator[Any]:
-        if any(c in pattern for c in "*?[") or pattern.lower().endswith(".tar"):
+        if any(c in pattern for c in "*?[") or tar_mode(pattern):
             tars = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
         else:
             metas = FileSystems.match([pattern.rstrip("/") + "/**"])[0].metadata_list
-            tars = sorted(m.path for m in metas if m.path.lower().endswith(".tar"))
+            tars = sorted(m.path for m in metas if tar_mode(m.path))
         for tar_path in tars:
             yield from self._tar_samples(tar_path)
 
     def _tar_samples(self, tar_path: str) -> Iterator[Any]:
-        cfg = self.config
+        mode = tar_mode(tar_path) or "r|"
+        pending: OrderedDict[str, dict[str, Any]] = OrderedDict()  # key -> sample being built
+        emitted: OrderedDict[str, None] = OrderedDict()  # recent keys already emitted
+        index = 0
 
-        def emit(key: str, members: dict[str, bytes], index: int) -> Any:
-            ref = f"{tar_path}#{key}"
-            image_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
-            caption, cap_err, language = None, None, None
-            if "txt" in members:
-                caption, cap_err = _text(members["txt"])
-            if "json" in members:
-                try:
-                    meta = json.loads(members["json"])
-                except ValueError:
-                    meta = {}
-                if isinstance(meta, dict):
-                    if caption is None and cap_err is None:
-                        value = next((meta[c] for c in CAPTION_COLUMNS if c in meta), None)
-                        caption, cap_err = _text(value)
-                    language = meta.get("language") or meta.get("lang")
-            rec = _record(
-                ref,
-                (tar_path, index),
-                uri=ref,
-                data=members.get(image_ext) if image_ext else None,
-                source_caption=caption,
-                source_caption_error=cap_err,
-                source_language=language or cfg.source_language,
-            )
-            if image_ext is None:
-                return reject(rec, "read", "no_image_in_sample", f"members: {sorted(members)}")
-            return rec
+        def emit(key: str, sample: dict[str, Any]) -> Any:
+            nonlocal index
+            index += 1
+            return self._sample(tar_path, key, sample, index - 1)
 
-        with FileSystems.open(tar_path) as f:
-            key, members, index = None, {}, 0
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
+        def add(key: str, ext: str, info: tarfile.TarInfo, read) -> Iterator[Any]:
+            if key in emitted:  # its sample is gone already: this member alone is the input
+                nonlocal index
+                rec = _record(f"{tar_path}#{key}.{ext}", (tar_path, index))
+                index += 1
+                yield reject(
+                    rec,
+                    "read",
+                    "split_sample",
+                    f"member {info.name!r} came more than {WDS_GROUP_WINDOW} samples after "
+                    "its key's first member; keep a sample's members together",
+                )
+                return
+            sample = pending.setdefault(key, {"members": {}, "problems": [], "names": []})
+            sample["names"].append(posixpath.basename(info.name))
+            problem = self._member_problem(info, ext)
+            if problem:
+                sample["problems"].append(problem)
+            elif ext in sample["members"]:
+                sample["problems"].append(("bad_sample", f"duplicate member {info.name!r}"))
+            elif ext in WDS_IMAGE_EXTS or ext in WDS_TEXT_EXTS:
+                sample["members"][ext] = read(info)
+            while len(pending) > WDS_GROUP_WINDOW:
+                old_key, old = pending.popitem(last=False)
+                emitted[old_key] = None
+                if len(emitted) > MAX_REMEMBERED_KEYS:
+                    emitted.popitem(last=False)
+                yield emit(old_key, old)
+
+        last_key = ""
+        try:
+            with (
+                FileSystems.open(tar_path, compression_type=CompressionTypes.UNCOMPRESSED) as f,
+                tarfile.open(fileobj=f, mode=mode) as tar,
+            ):
+
+                def read(info: tarfile.TarInfo) -> bytes:
+                    data = tar.extractfile(info)
+                    return data.read(info.size) if data else b""
+
                 for info in tar:
-                    if not info.isfile():
-                        continue  # links, devices, folders: never followed
+                    if info.isdir():
+                        continue
                     base = posixpath.basename(info.name)
                     if "." not in base or base.startswith("."):
                         continue
                     stem, ext = base.split(".", 1)
-                    member_key = posixpath.join(posixpath.dirname(info.name), stem)
-                    if key is not None and member_key != key:
-                        yield emit(key, members, index)
-                        index += 1
-                        members = {}
-                    key = member_key
-                    data = tar.extractfile(info)
-                    members[ext.lower()] = data.read() if data else b""
-            if key is not None:
-                yield emit(key, members, index)
+                    key = posixpath.join(posixpath.dirname(info.name), stem)
+                    last_key = key
+                    yield from add(key, ext.lower(), info, read)
+        except Exception as exc:  # tarfile/zlib/lzma/bz2/OS errors: all mean a bad file
+            # The rest of this file is unreadable: what was read so far still counts; the
+            # rest is one dead letter for the file (no tar header tells how many samples).
+            for key, sample in pending.items():
+                yield emit(key, sample)
+            pending.clear()
+            ref = f"{tar_path}#after:{last_key}" if last_key else tar_path
+            rec = _record(ref, (tar_path, index))
+            yield reject(rec, "read", "bad_tar", f"{tar_path}: {self._tar_hint(tar_path, exc)}")
+            return
+        for key, sample in pending.items():
+            yield emit(key, sample)
+
+    def _member_problem(self, info: tarfile.TarInfo, ext: str) -> tuple[str, str] | None:
+        """Why a member may not be read (from its header alone), or None."""
+        if info.issparse():
+            return "unsafe_member", f"{info.name!r} is a sparse member"
+        if info.issym() or info.islnk():
+            return "unsafe_member", f"{info.name!r} is a link to {info.linkname!r}"
+        if not info.isreg():
+            return "unsafe_member", f"{info.name!r} is a device, FIFO or special member"
+        limit = MAX_ROW_BYTES if ext in WDS_TEXT_EXTS else self.config.max_file_bytes
+        if info.size > limit and (ext in WDS_IMAGE_EXTS or ext in WDS_TEXT_EXTS):
+            return "file_too_large", f"{info.name!r} is {info.size} bytes (> {limit})"
+        return None
+
+    @staticmethod
+    def _tar_hint(tar_path: str, exc: BaseException) -> str:
+        try:
+            with FileSystems.open(tar_path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                magic = f.read(6)
+        except Exception:
+            magic = b""
+        found = {
+            b"\x1f\x8b": "gzip",
+            b"BZh": "bzip2",
+            b"\xfd7zXZ": "xz",
+            b"\x28\xb5\x2f\xfd": "zstd",
+        }
+        for head, name in found.items():
+            if magic.startswith(head) and tar_mode(tar_path) == "r|":
+                return f"{name} data in a file named .tar (name it .tar.gz etc.): {exc}"
+        return f"{type(exc).__name__}: {exc}"
+
+    def _sample(self, tar_path: str, key: str, sample: dict[str, Any], index: int) -> Any:
+        cfg = self.config
+        ref = f"{tar_path}#{key}"
+        members = sample["members"]
+        image_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
+        rec = _record(
+            ref,
+            (tar_path, index),
+            uri=ref,
+            data=members.get(image_ext) if image_ext else None,
+        )
+        if sample["problems"]:
+            kind, message = sample["problems"][0]
+            return reject(rec, "read", kind, f"{ref}: {message}")
+        if image_ext is None:
+            return reject(rec, "read", "no_image_in_sample", f"members: {sorted(sample['names'])}")
+        caption, cap_err, language = None, None, None
+        if "txt" in members:
+            caption, cap_err = _text(members["txt"])
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"])
+            except (ValueError, RecursionError) as exc:
+                return reject(rec, "read", "bad_sample", f"{ref}.json: invalid JSON: {exc}"[:500])
+            if not isinstance(meta, dict):
+                return reject(rec, "read", "bad_sample", f"{ref}.json is a {_type_name(meta)}")
+            if caption is None and cap_err is None:
+                value = next((meta[c] for c in CAPTION_COLUMNS if c in meta), None)
+                caption, cap_err = _text(value)
+            language = meta.get("language", meta.get("lang"))
+            if language is not None and not isinstance(language, str):
+                return reject(
+                    rec,
+                    "read",
+                    "bad_sample",
+                    f"{ref}.json: language must be a string code, not {_type_name(language)}",
+                )
+            split = meta.get("split")
+            if split is not None and not isinstance(split, str):
+                return reject(
+                    rec,
+                    "read",
+                    "bad_sample",
+                    f"{ref}.json: split must be a string, not {_type_name(split)}",
+                )
+            rec["split"] = split or None
+        rec["source_caption"], rec["source_caption_error"] = caption, cap_err
+        return _with_language(rec, (language or "").strip() or cfg.source_language)
+
+
+# --- reading bytes ------------------------------------------------------------------------
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM}
+_TRANSIENT_NAMES = (
+    "Timeout",
+    "Unavailable",
+    "Connection",
+    "TooManyRequests",
+    "ServerError",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "BrokenPipe",
+    "Retry",
+)
+
+
+def classify_read_error(exc: BaseException) -> tuple[str, bool]:
+    """(dead-letter kind, transient) for an exception raised while reading a file."""
+    details = getattr(exc, "exception_details", None)  # BeamIOError: {path: cause}
+    if isinstance(details, dict) and details:
+        return classify_read_error(next(iter(details.values())))
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, FileNotFoundError):
+        return "missing_file", False
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError)):
+        return "not_a_regular_file", False
+    if isinstance(exc, PermissionError):
+        return "permission_denied", False
+    if any(n in type(exc).__name__ for n in _TRANSIENT_NAMES):
+        return "read_error", True
+    if isinstance(exc, OSError):
+        if exc.errno in _PERMANENT_ERRNOS:
+            return "unreadable", False
+        return "read_error", True  # EIO, ECONNRESET, timeouts, ...: may pass
+    if cause is not None and cause is not exc:
+        return classify_read_error(cause)
+    return "unreadable", False
 
 
 class ReadBytes(beam.DoFn):
-    """Fetch the image bytes of records that only carry a URI (missing file -> dead letter)."""
+    """Fetch the image bytes of records that only carry a URI; bounded, retried, and every
+    failure a dead letter with a transient or permanent kind."""
 
-    def __init__(self, max_file_bytes: int):
+    def __init__(
+        self, max_file_bytes: int, retries: int = READ_RETRIES, backoff_s: float = READ_BACKOFF_S
+    ):
         self.max_file_bytes = max_file_bytes
+        self.retries = retries
+        self.backoff_s = backoff_s
 
     def process(self, rec: dict[str, Any]) -> Iterator[Any]:
         if rec["data"] is not None:
+            if len(rec["data"]) > self.max_file_bytes:  # bytes carried in from a manifest/tar
+                yield reject(
+                    rec, "read", "file_too_large", f"{rec['uri']}: > {self.max_file_bytes} bytes"
+                )
+                return
             yield rec
             return
         uri = rec["uri"]
-        try:
-            with FileSystems.open(uri, compression_type="uncompressed") as f:
-                data = f.read(self.max_file_bytes + 1)
-        except Exception as exc:  # FileSystems raises BeamIOError / OSError / FileNotFoundError
+        attempt = 0
+        while True:
             try:
-                kind = "read_error" if FileSystems.exists(uri) else "missing_file"
-            except Exception:
-                kind = "read_error"
-            yield reject(rec, "read", kind, f"{uri}: {exc}")
-            return
-        if len(data) > self.max_file_bytes:
+                data = self._read(uri)
+                break
+            except _Refused as exc:
+                yield reject(rec, "read", exc.kind, f"{uri}: {exc}")
+                return
+            except Exception as exc:  # BeamIOError / OSError / a client library's own errors
+                kind, transient = classify_read_error(exc)
+                if transient and attempt < self.retries:
+                    time.sleep(self.backoff_s * 2**attempt)
+                    attempt += 1
+                    continue
+                tries = f" (after {attempt + 1} attempts)" if attempt else ""
+                yield reject(rec, "read", kind, f"{uri}: {type(exc).__name__}: {exc}{tries}")
+                return
+        if data is None:
             yield reject(rec, "read", "file_too_large", f"{uri}: > {self.max_file_bytes} bytes")
             return
         rec = {**rec, "data": data}
         bump(rec, "read.ok")
+        if attempt:
+            bump(rec, "read.retried")
         yield rec
+
+    def _read(self, uri: str) -> bytes | None:
+        """The file's bytes, or None when it is larger than the limit."""
+        limit = self.max_file_bytes
+        if _is_local(uri):
+            path = _local(uri)
+            st = os.stat(path)  # FileNotFoundError etc. classify as permanent
+            if not stat.S_ISREG(st.st_mode):
+                raise _Refused("not_a_regular_file", _file_type(st.st_mode))
+            if st.st_size > limit:
+                return None
+            # O_NONBLOCK: should the path have become a FIFO since the stat, open does not
+            # block; fstat then refuses it.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise _Refused("not_a_regular_file", _file_type(st.st_mode))
+                data = f.read(limit + 1)
+        else:
+            with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                data = f.read(limit + 1)
+        return None if len(data) > limit else data
+
+
+class _Refused(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return f"{name}, not a regular file (not opened)"
+    return "not a regular file (not opened)"
 
 
 class ReadInputs(beam.PTransform):
