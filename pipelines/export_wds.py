@@ -1,119 +1,487 @@
 """Export shards as WebDataset tars for open_clip's own trainer (`--dataset-type webdataset`).
 
-Each sample: `<image_id>.<jpg|png|webp>` (the stored image bytes), `<image_id>.txt` (one caption
-in the chosen language: the first one, i.e. the source caption when there is one, else the first
-translation) and `<image_id>.json` (every caption in that language, with origins and scores,
-plus image_id and source_uri). `sizes.json` maps each tar's name to its sample count, which
-open_clip reads to know the dataset size. Keys are image ids (hex), so no member name can
-escape the extraction folder; tars are written with the `webdataset` library's `ShardWriter`.
+One sample per image: `<key>.<jpg|png|webp>`, `<key>.txt` (ONE caption in the chosen language)
+and `<key>.json`. The folder also gets `sizes.json` (tar name -> samples, which open_clip reads
+to know the dataset size; it lists only the tars this export wrote) and `_info.json` (what was
+exported, how, and what was skipped and why).
+
+Which caption goes into `.txt` (`caption_select`):
+- `best` (default): the highest score. A caption's score is its own CLIP `score`, else that of
+  the caption it was translated from (a translation of a well-matching English caption inherits
+  its match); ties go to the higher `translation_score`, then to the earlier caption. With no
+  score at all, a caption whose lineage is not the source alt-text is preferred;
+- `first`: the first eligible caption; `random`: a seeded draw per image (seed + image id).
+Eligible: captions in the language and of the origins asked for (`caption_origins`; default all),
+and never an unscored source caption (or a translation of one) when scored ones exist.
+
+`.json` keeps the row's FULL caption list (every language, in shard order), so `source_index`
+stays valid; `caption_index` points at the caption in `.txt`.
+
+Safety: tar member names come from a sanitised key (image ids are checked, anything else becomes
+`[A-Za-z0-9_-]` plus a hash), never a path; a repeated image id is skipped (counted), as are
+rows without a usable image (a non-image payload is counted under its decoder reason, not a
+crash). Image references by path are read bounded, regular files only; relative ones only under
+`image_root`. The export writes only its own names into the folder: it refuses to overwrite a
+file that a previous export did not record in `_info.json`, and removes only tars that a
+previous export recorded and this one did not rewrite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
-from collections.abc import Iterator
+import random
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import pyarrow.dataset as ds
-from PIL import Image
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
 
 from babelcap.core import schema
+from babelcap.core.config import FrozenConfigModel
+from babelcap.core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_rgb
+from babelcap.core.lists import parse_list
 from babelcap.core.shards import find_shards
 
 log = logging.getLogger(__name__)
 
-_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+SIZES = "sizes.json"
+INFO = "_info.json"
+_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what open_clip's decoder reads as is
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_BATCH_ROWS = 64  # rows (with image bytes) in memory at a time
+_EXAMPLES = 20  # skipped rows kept as examples per reason in _info.json
 
 
-def _image_bytes(image: dict[str, Any] | None) -> tuple[bytes, str] | None:
-    if not image:
+class ExportError(ValueError):
+    """The export cannot run as asked (nothing has been written)."""
+
+
+class WdsExportConfig(FrozenConfigModel):
+    """What `export-wds` writes (CLI flags are derived from these fields)."""
+
+    language: str = Field(description="caption language to export, e.g. pt")
+    caption_origins: tuple[str, ...] = Field(
+        (), description="caption origins to choose from, e.g. synthetic,translated (default all)"
+    )
+    caption_select: Literal["best", "first", "random"] = Field(
+        "best", description="best score | first eligible | random (seeded per image)"
+    )
+    seed: int = Field(0, description="seed of caption_select=random")
+    splits: tuple[str, ...] = Field(
+        ("train",),
+        description='row splits to export ("train,val"; "all": every split); rows without a '
+        "split are always exported",
+    )
+    maxcount: int = Field(10_000, ge=1, description="samples per tar")
+    maxsize: int = Field(1_000_000_000, ge=1, description="bytes per tar (about)")
+    prefix: str = Field("shard", description="tar names: PREFIX-000000.tar, ...")
+    image_root: str | None = Field(
+        None, description="folder that relative image paths in the shards are read from"
+    )
+    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="largest image read")
+
+    @field_validator("caption_origins", "splits", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, bool) or value is None:
+            raise ValueError("expected a list or a comma-separated string")
+        return tuple(parse_list(value))
+
+    @field_validator("caption_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [o for o in value if o not in schema.ORIGINS]
+        if unknown:
+            raise ValueError(f"unknown caption origin(s) {unknown}; known: {schema.ORIGINS}")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not _SAFE_KEY.match(value):
+            raise ValueError("prefix must be letters, digits, '_' or '-'")
+        return value
+
+    @property
+    def all_splits(self) -> bool:
+        return not self.splits or "all" in self.splits
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def safe_key(image_id: Any) -> str:
+    """A tar key for an image id: the id itself when it is plain (`[A-Za-z0-9_-]`, as the
+    SHA-256 hex ids babelcap writes are), else its plain characters plus a hash of the id, so
+    a crafted id (`../../x`, dots, NUL) can neither escape a folder nor split a sample."""
+    text = "" if image_id is None else str(image_id)
+    if _SAFE_KEY.match(text):
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return (re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:48] + "_" + digest).lstrip("_")
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def _effective_score(caps: Sequence[Mapping[str, Any]], i: int) -> float | None:
+    """A caption's own score, else the score of the caption it was translated from."""
+    seen = set()
+    while i not in seen and 0 <= i < len(caps):
+        seen.add(i)
+        if caps[i].get("score") is not None:
+            return float(caps[i]["score"])
+        src = caps[i].get("source_index")
+        if src is None:
+            return None
+        i = int(src)
+    return None
+
+
+def _from_source(caps: Sequence[Mapping[str, Any]], i: int) -> bool:
+    """True when the caption is source alt-text or (a chain of) translations of it."""
+    seen = set()
+    while i not in seen and 0 <= i < len(caps):
+        seen.add(i)
+        if caps[i].get("origin") == schema.ORIGIN_SOURCE:
+            return True
+        src = caps[i].get("source_index")
+        if src is None:
+            return False
+        i = int(src)
+    return False
+
+
+def choose_caption(
+    caps: Sequence[Mapping[str, Any]], config: WdsExportConfig, image_id: str = ""
+) -> int | None:
+    """Index (in `caps`) of the caption to export for this row, or None (see module doc)."""
+    eligible = [
+        i
+        for i, c in enumerate(caps)
+        if c.get("language") == config.language
+        and (not config.caption_origins or c.get("origin") in config.caption_origins)
+        and (c.get("text") or "").strip()
+    ]
+    if not eligible:
         return None
-    data = image.get("bytes")
-    if data is None and image.get("path"):
+    scores = {i: _effective_score(caps, i) for i in eligible}
+    if any(s is not None for s in scores.values()):
+        eligible = [i for i in eligible if scores[i] is not None or not _from_source(caps, i)]
+    if config.caption_select == "first":
+        return eligible[0]
+    if config.caption_select == "random":
+        digest = hashlib.sha256(f"{config.seed}:{image_id}".encode()).digest()
+        return random.Random(digest).choice(eligible)
+
+    def rank(i: int) -> tuple:
+        s, ts = scores[i], caps[i].get("translation_score")
+        return (
+            s is not None,
+            s if s is not None else 0.0,
+            not _from_source(caps, i),
+            ts if ts is not None else -1.0,
+            -i,
+        )
+
+    return max(eligible, key=rank)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _read_path(path: str, config: WdsExportConfig) -> bytes:
+    """Bytes of an image referenced by path: URIs and absolute paths as given, relative ones
+    only under `image_root`; regular files only, at most `max_image_bytes`."""
+    limit = config.max_image_bytes
+    if "://" in path and not path.startswith("file://"):
         from apache_beam.io.filesystems import FileSystems
 
-        try:
-            with FileSystems.open(image["path"], compression_type="uncompressed") as f:
-                data = f.read()
-        except Exception:
-            return None
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            data = f.read(limit + 1)
+    else:
+        local = path.removeprefix("file://")
+        if not os.path.isabs(local):
+            if config.image_root is None:
+                raise ImageError("relative_image_path", f"{path}: relative path, no image_root")
+            root = os.path.realpath(config.image_root)
+            local = os.path.realpath(os.path.join(root, local))
+            if os.path.commonpath([root, local]) != root:
+                raise ImageError("path_outside_image_root", f"{path}: outside {root}")
+        if not os.path.isfile(local):  # FIFOs, devices, folders are never opened
+            raise ImageError("missing_file", f"{path}: not a regular file")
+        with open(local, "rb") as f:
+            data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ImageError("too_large", f"{path}: larger than {limit} bytes")
+    return data
+
+
+def image_payload(image: Mapping[str, Any] | None, config: WdsExportConfig) -> tuple[bytes, str]:
+    """(bytes, extension) that open_clip's decoder reads as babelcap's decoder does, or
+    ImageError(kind). JPEG/PNG/WebP in RGB or L are kept byte for byte; anything else (other
+    formats, transparency, 16-bit) is written as PNG of `decode_rgb`'s pixels."""
+    if not image:
+        raise ImageError("no_image", "row has no image")
+    data = image.get("bytes")
     if not data:
-        return None
+        if not image.get("path"):
+            raise ImageError("no_image", "row stores neither image bytes nor a path")
+        data = _read_path(str(image["path"]), config)
+    if len(data) > config.max_image_bytes:
+        raise ImageError("too_large", f"image larger than {config.max_image_bytes} bytes")
+    rgb = decode_rgb(data, DEFAULT_MAX_PIXELS)  # validates: not_an_image, bomb, truncated...
+    from PIL import Image
+
     with Image.open(io.BytesIO(data)) as im:
-        fmt = im.format
-    if fmt not in _EXT:  # open_clip decodes jpg/png/webp: re-encode anything else as PNG
-        buf = io.BytesIO()
-        with Image.open(io.BytesIO(data)) as im:
-            im.convert("RGB").save(buf, format="PNG")
-        return buf.getvalue(), "png"
-    return data, _EXT[fmt]
+        fmt, mode = im.format, im.mode
+    if fmt in _EXT and mode in ("RGB", "L"):
+        return data, _EXT[fmt]
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return buf.getvalue(), "png"
 
 
-def samples(files: list[str], lang: str, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
-    for file in files:
-        schema.validate(file)
-        dataset = ds.dataset(file, format="parquet")
-        for batch in dataset.to_batches(
-            batch_size=256, columns=["image_id", "source_uri", "image", "captions"]
-        ):
+def _portable_uri(uri: str | None) -> str | None:
+    """URIs and relative paths as they are; an absolute local path is this machine's folder
+    layout, so only its file name travels (the image id identifies the image)."""
+    if not uri or "://" in uri or not os.path.isabs(uri):
+        return uri
+    return os.path.basename(uri)
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def samples(
+    shard_set: Any, config: WdsExportConfig, counts: Counter, examples: dict[str, list]
+) -> Iterator[dict[str, Any]]:
+    """WebDataset samples ({"__key__", ext, "txt", "json"}) from validated shard files."""
+    seen: set[str] = set()
+
+    def skip(reason: str, row: Mapping[str, Any], message: str = "") -> None:
+        counts[f"skipped.{reason}"] += 1
+        bucket = examples.setdefault(reason, [])
+        if len(bucket) < _EXAMPLES:
+            bucket.append({"image_id": str(row.get("image_id"))[:200], "message": message[:300]})
+
+    columns = ["image_id", "source_uri", "split", "image", "captions"]
+    for path in shard_set.files:
+        source = shard_set.fs.open_input_file(path) if shard_set.filesystem else path
+        pf = pq.ParquetFile(source)
+        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
             for row in batch.to_pylist():
-                caps = [c for c in row["captions"] if c["language"] == lang]
-                if not caps:
-                    counts["no_caption_in_language"] += 1
+                counts["rows"] += 1
+                split = row["split"]
+                if not config.all_splits and split is not None and split not in config.splits:
+                    counts[f"split_not_selected.{split}"] += 1
                     continue
-                image = _image_bytes(row["image"])
-                if image is None:
-                    counts["no_image"] += 1
+                caps = row["captions"] or []
+                index = choose_caption(caps, config, str(row["image_id"]))
+                if index is None:
+                    skip("no_caption", row, f"no eligible {config.language} caption")
                     continue
-                data, ext = image
+                if row["image_id"] in seen:
+                    skip("duplicate_image_id", row, "the same image id was exported already")
+                    continue
+                try:
+                    data, ext = image_payload(row["image"], config)
+                except ImageError as exc:
+                    skip(exc.kind, row, str(exc))
+                    continue
+                except OSError as exc:
+                    skip("read_error", row, f"{type(exc).__name__}: {exc}")
+                    continue
+                seen.add(row["image_id"])
+                key = safe_key(row["image_id"])
+                if key != row["image_id"]:
+                    counts["key_sanitised"] += 1
+                chosen = caps[index]
+                meta = {
+                    "key": key,
+                    "image_id": row["image_id"],
+                    "source_uri": _portable_uri(row["source_uri"]),
+                    "split": row["split"],
+                    "language": config.language,
+                    "caption": chosen,
+                    "caption_index": index,
+                    "caption_score": _effective_score(caps, index),
+                    "captions": caps,
+                }
                 counts["written"] += 1
                 yield {
-                    "__key__": row["image_id"],
+                    "__key__": key,
                     ext: data,
-                    "txt": caps[0]["text"],
-                    "json": json.dumps(
-                        {
-                            "image_id": row["image_id"],
-                            "source_uri": row["source_uri"],
-                            "language": lang,
-                            "captions": caps,
-                        },
-                        ensure_ascii=False,
-                    ),
+                    "txt": chosen["text"],
+                    "json": json.dumps(meta, ensure_ascii=False),
                 }
 
 
-def export_webdataset(
-    shards: str | Path,
-    out_dir: str | Path,
-    lang: str,
-    maxcount: int = 10_000,
-    prefix: str = "shard",
-) -> dict[str, Any]:
-    """Write `out_dir/<prefix>-000000.tar`... and `sizes.json`; returns the counts."""
-    import webdataset as wds
+# ----------------------------------------------------------------------------- writing
 
+
+class _TarSink:
+    """Tars named PREFIX-%06d.tar, written under a temporary name and renamed when closed."""
+
+    def __init__(self, out: Path, config: WdsExportConfig):
+        self.out, self.config = out, config
+        self.index, self.tar, self.tmp = -1, None, None
+        self.count = self.bytes = 0
+        self.sizes: dict[str, int] = {}
+
+    def name(self, index: int) -> str:
+        return f"{self.config.prefix}-{index:06d}.tar"
+
+    def _next(self) -> None:
+        self.close()
+        self.index += 1
+        self.tmp = self.out / f".{self.name(self.index)}.partial"
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self.count = self.bytes = 0
+
+    def write(self, sample: Mapping[str, Any]) -> None:
+        if (
+            self.tar is None
+            or self.count >= self.config.maxcount
+            or self.bytes >= self.config.maxsize
+        ):
+            self._next()
+        key = sample["__key__"]
+        for ext, value in sample.items():
+            if ext == "__key__":
+                continue
+            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            info = tarfile.TarInfo(f"{key}.{ext}")  # key is safe: no "/", no ".", no ".."
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            self.tar.addfile(info, io.BytesIO(data))
+            self.bytes += len(data) + 1024
+        self.count += 1
+
+    def close(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        name = self.name(self.index)
+        os.replace(self.tmp, self.out / name)
+        self.sizes[name] = self.count
+        self.tar = None
+
+    def abort(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tmp.unlink(missing_ok=True)
+            self.tar = None
+
+
+def _previous_files(out: Path) -> set[str]:
+    """Names a previous export recorded in `_info.json` (its own files)."""
+    info = out / INFO
+    if not info.is_file():
+        return set()
+    try:
+        data = json.loads(info.read_bytes()[:10_000_000])
+        return {str(n) for n in data.get("files", []) if isinstance(n, str)}
+    except (ValueError, AttributeError):
+        raise ExportError(f"{info}: not an export-wds record; choose another folder") from None
+
+
+def _check_folder(out: Path, config: WdsExportConfig) -> set[str]:
+    """Refuse to overwrite anything that is not a previous export's own file."""
+    previous = _previous_files(out)
+    pattern = re.compile(rf"^{re.escape(config.prefix)}-\d{{6}}\.tar$")
+    theirs = sorted(
+        p.name
+        for p in out.iterdir()
+        if (pattern.match(p.name) or p.name == SIZES) and p.name not in previous
+    )
+    if theirs:
+        raise ExportError(
+            f"{out} holds {', '.join(theirs[:5])}{' ...' if len(theirs) > 5 else ''}, not written "
+            "by an earlier export-wds (no _info.json lists it): refusing to overwrite; choose "
+            "another folder or --prefix"
+        )
+    return previous
+
+
+def export_webdataset(
+    shards: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | Path,
+    lang: str | None = None,
+    config: WdsExportConfig | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Write `out_dir/<prefix>-000000.tar`..., `sizes.json` and `_info.json`; returns the
+    counts. Options are `WdsExportConfig` fields (`maxcount=10`, `splits="all"`, ...)."""
+    if config is None:
+        config = WdsExportConfig(language=lang, **options)
+    elif lang is not None or options:
+        config = config.updated({**options, **({"language": lang} if lang else {})})
+    shard_set = find_shards(shards)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {"written": 0, "no_caption_in_language": 0, "no_image": 0}
-    pattern = str(out / f"{prefix}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
-        for sample in samples(list(find_shards(shards).files), lang, counts):
+    previous = _check_folder(out, config)
+
+    counts: Counter = Counter()
+    examples: dict[str, list] = {}
+    sink = _TarSink(out, config)
+    try:
+        for sample in samples(shard_set, config, counts, examples):
             sink.write(sample)
-    sizes: dict[str, int] = {}
-    for tar in sorted(out.glob(f"{prefix}-*.tar")):
-        sizes[tar.name] = tar_sample_count(tar)
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
-    return {**counts, "tars": len(sizes), "sizes": sizes, "out": os.fspath(out)}
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    sizes = sink.sizes
+    written = set(sizes)
+    stale = sorted(n for n in previous if n not in written and n.endswith(".tar"))
+    for name in stale:  # an earlier export's own tars, not rewritten now
+        (out / name).unlink(missing_ok=True)
+    (out / SIZES).write_text(json.dumps(sizes, indent=1))
+    n = len(sizes)
+    pattern = f"{config.prefix}-{{000000..{max(n - 1, 0):06d}}}.tar" if n else None
+    skipped = {k.removeprefix("skipped."): v for k, v in counts.items() if k.startswith("skipped.")}
+    other_splits = {
+        k.removeprefix("split_not_selected."): v
+        for k, v in counts.items()
+        if k.startswith("split_not_selected.")
+    }
+    result = {
+        "rows": counts["rows"],
+        "written": counts["written"],
+        "skipped": dict(sorted(skipped.items())),
+        "splits_not_selected": dict(sorted(other_splits.items())),
+        "keys_sanitised": counts["key_sanitised"],
+        "tars": n,
+        "pattern": pattern,
+        "sizes": sizes,
+        "removed_stale": stale,
+        "out": os.fspath(out),
+    }
+    info = {
+        "format": "babelcap export-wds 1",
+        "config": config.to_dict(),
+        "inputs": [
+            _portable_uri(os.path.abspath(f) if "://" not in f else f) for f in shard_set.files
+        ],
+        "files": sorted([*sizes, SIZES, INFO]),
+        **{k: v for k, v in result.items() if k not in ("out", "sizes")},
+        "skipped_examples": examples,
+    }
+    tmp = out / f".{INFO}.partial"
+    tmp.write_text(json.dumps(info, indent=1, ensure_ascii=False))
+    os.replace(tmp, out / INFO)
+    return result
 
 
-def tar_sample_count(path: Path) -> int:
+def tar_sample_count(path: str | Path) -> int:
     """Number of distinct sample keys in one tar."""
-    import tarfile
-
     with tarfile.open(path) as tar:
         return len({m.name.split(".", 1)[0] for m in tar if m.isfile()})

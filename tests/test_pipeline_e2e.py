@@ -325,7 +325,7 @@ def test_export_webdataset_for_open_clip(job, tmp_path):
 
     from babelcap.pipelines.export_wds import export_webdataset
 
-    result = export_webdataset(job["out"], tmp_path / "wds", "pt", maxcount=10)
+    result = export_webdataset(job["out"], tmp_path / "wds", "pt", maxcount=10, splits="all")
     n_pt = sum(any(c["language"] == "pt" for c in r["captions"]) for r in _rows(job["out"]))
     assert result["written"] == n_pt > 0
     sizes = json.loads((tmp_path / "wds" / "sizes.json").read_text())
@@ -340,7 +340,8 @@ def test_export_webdataset_for_open_clip(job, tmp_path):
     )
     seen = 0
     for image, text, meta in ds:
-        assert image.size[0] > 0 and text == meta["captions"][0]["text"]
-        assert all(c["language"] == "pt" for c in meta["captions"])
+        assert image.size[0] > 0 and text == meta["caption"]["text"]
+        assert meta["captions"][meta["caption_index"]] == meta["caption"]
+        assert meta["caption"]["language"] == "pt"
         seen += 1
     assert seen == n_pt
