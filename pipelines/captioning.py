@@ -90,16 +90,21 @@ class CaptionModelHandler(ModelHandler[dict, dict, Any]):
     def get_metrics_namespace(self) -> str:
         return "babelcap.caption"
 
-    def _generate(self, bundle, images, prompt: str, seeds: list[int] | None) -> list[str]:
-        import torch
-
-        processor, net, device = bundle.processor, bundle.net, bundle.device
+    def _generate_kwargs(self) -> dict[str, Any]:
         cfg = self.config
         kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens}
         if cfg.sampling:
             kwargs.update(do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature)
         else:
             kwargs.update(do_sample=False, num_beams=cfg.num_beams)
+        return kwargs
+
+    def _generate(self, bundle, images, prompt: str, seeds: list[int] | None) -> list[str]:
+        """Any image-to-text model: the processor and `generate` per prompt."""
+        import torch
+
+        processor, net, device = bundle.processor, bundle.net, bundle.device
+        kwargs = self._generate_kwargs()
         text = [prompt] * len(images) if prompt else None
         if seeds is None:
             inputs = processor(images=images, text=text, return_tensors="pt", padding=True)
@@ -117,16 +122,85 @@ class CaptionModelHandler(ModelHandler[dict, dict, Any]):
             texts.extend(processor.batch_decode(out, skip_special_tokens=True))
         return texts
 
+    def _captions(self, bundle, batch: Sequence[dict], prompts: list[str]) -> list[list[str]]:
+        """texts[prompt][image]. BLIP: each image is decoded and preprocessed once and goes
+        through the vision tower once per batch, whatever the number of prompts (the generic
+        path repeats both per prompt); the decoder then runs per prompt on the cached image
+        features, exactly as `BlipForConditionalGeneration.generate` does."""
+        from transformers import BlipForConditionalGeneration
+
+        net = bundle.net
+        if not isinstance(net, BlipForConditionalGeneration):
+            images = [decode_rgb(r["data"], self.max_image_pixels) for r in batch]
+            return [
+                self._generate(bundle, images, p, self._seeds(batch, k))
+                for k, p in enumerate(prompts)
+            ]
+        import torch
+
+        processor, device = bundle.processor, bundle.device
+        # One full-resolution image alive at a time: decode, preprocess, let it go.
+        pixels = torch.cat(
+            [
+                processor(
+                    images=[decode_rgb(r["data"], self.max_image_pixels)], return_tensors="pt"
+                )["pixel_values"]
+                for r in batch
+            ]
+        ).to(device, dtype=net.dtype)
+        text_cfg = net.config.text_config
+        kwargs = self._generate_kwargs()
+        with torch.inference_mode():
+            embeds = net.vision_model(pixel_values=pixels)[0]
+        out: list[list[str]] = []
+        for k, prompt in enumerate(prompts):
+            if prompt:
+                tok = processor(text=[prompt] * len(batch), return_tensors="pt", padding=True)
+                ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+            else:
+                ids = torch.tensor([[text_cfg.bos_token_id, text_cfg.eos_token_id]] * len(batch))
+                ids, mask = ids.to(device), None
+            ids[:, 0] = text_cfg.bos_token_id
+
+            def decode(rows: slice, ids=ids, mask=mask) -> Any:
+                feats = embeds[rows]
+                return net.text_decoder.generate(
+                    input_ids=ids[rows, :-1],
+                    attention_mask=None if mask is None else mask[rows, :-1],
+                    eos_token_id=text_cfg.sep_token_id,
+                    pad_token_id=text_cfg.pad_token_id,
+                    encoder_hidden_states=feats,
+                    encoder_attention_mask=torch.ones(
+                        feats.shape[:-1], dtype=torch.long, device=feats.device
+                    ),
+                    **kwargs,
+                )
+
+            seeds = self._seeds(batch, k)
+            with torch.inference_mode():
+                if seeds is None:
+                    texts = processor.batch_decode(decode(slice(None)), skip_special_tokens=True)
+                else:  # sampling: one seeded call per image, so batching changes nothing
+                    texts = []
+                    for i, seed in enumerate(seeds):
+                        torch.manual_seed(seed)
+                        texts += processor.batch_decode(
+                            decode(slice(i, i + 1)), skip_special_tokens=True
+                        )
+            out.append(texts)
+        return out
+
+    def _seeds(self, batch: Sequence[dict], k: int) -> list[int] | None:
+        if not self.config.sampling:
+            return None
+        return [_seed(self.seed, r["image_id"], k) for r in batch]
+
     def run_inference(
         self, batch: Sequence[dict], model: Any, inference_args: dict | None = None
     ) -> Iterable[dict]:
-        images = [decode_rgb(r["data"], self.max_image_pixels) for r in batch]
+        prompts = prompts_for(self.config.prompts, self.config.num_captions)
         captions: list[list[dict]] = [[] for _ in batch]
-        for k, prompt in enumerate(prompts_for(self.config.prompts, self.config.num_captions)):
-            seeds = None
-            if self.config.sampling:
-                seeds = [_seed(self.seed, r["image_id"], k) for r in batch]
-            texts = self._generate(model, images, prompt, seeds)
+        for prompt, texts in zip(prompts, self._captions(model, batch, prompts), strict=True):
             for i, text in enumerate(texts):
                 text = " ".join(text.split())
                 if prompt and not text.lower().startswith(prompt.lower()):
