@@ -46,11 +46,52 @@ NLLB_TOKENIZER = 256204  # len(its tokenizer): pieces + 202 language codes + <ma
 XLMR_VOCAB = 250002
 
 # Words the prompts and filters use, then a deterministic pseudo-English lexicon.
-BASE_WORDS = (
-    "a an the of on in with and to at by photo picture image photograph illustration "
-    "rendering snapshot close-up close up drawing painting red green blue yellow black white "
-    "small big large man woman dog cat car tree house street people table room city"
-).split()
+BASE_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "to",
+    "at",
+    "by",
+    "photo",
+    "picture",
+    "image",
+    "photograph",
+    "illustration",
+    "rendering",
+    "snapshot",
+    "close-up",
+    "close",
+    "up",
+    "drawing",
+    "painting",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "small",
+    "big",
+    "large",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "car",
+    "tree",
+    "house",
+    "street",
+    "people",
+    "table",
+    "room",
+    "city",
+]
 
 
 def lexicon(n: int = 20000, seed: int = 0) -> list[str]:
