@@ -223,9 +223,34 @@ class RowError(ValueError):
         self.kind = kind
 
 
-def _bounded_lines(f: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, line without its `\\n`) from a binary stream, split on `\\n` only; a line
-    longer than `limit` bytes is skipped without being held (None in its place)."""
+class _LineReader:
+    """`readline(limit)` over any file object with `read(n)` (Beam's decompressing files have
+    a readline without a size limit)."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, f: IO[bytes]):
+        self.f = f
+        self.buf = b""
+        self.eof = False
+
+    def readline(self, limit: int) -> bytes:
+        while True:
+            end = self.buf.find(b"\n", 0, limit)
+            if end >= 0 or len(self.buf) >= limit or self.eof:
+                cut = end + 1 if end >= 0 else min(limit, len(self.buf))
+                line, self.buf = self.buf[:cut], self.buf[cut:]
+                return line
+            chunk = self.f.read(self.CHUNK)
+            if not chunk:
+                self.eof = True
+            self.buf += chunk
+
+
+def _bounded_lines(f: _LineReader, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, line without its `\\n`, count of `"` in it) from a binary stream, split on
+    `\\n` only; a line longer than `limit` bytes is skipped without being held (None in its
+    place; its quotes still counted, so a CSV reader can keep track of quoted fields)."""
     lineno = 0
     while True:
         line = f.readline(limit + 1)
@@ -233,11 +258,13 @@ def _bounded_lines(f: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None
             return
         lineno += 1
         if len(line) > limit and not line.endswith(b"\n"):
+            quotes = line.count(b'"')
             while line and not line.endswith(b"\n"):  # drain the rest of the long line
                 line = f.readline(limit + 1)
-            yield lineno, None
+                quotes += line.count(b'"')
+            yield lineno, None, quotes
             continue
-        yield lineno, line[:-1] if line.endswith(b"\n") else line
+        yield lineno, line[:-1] if line.endswith(b"\n") else line, line.count(b'"')
 
 
 def _decode(line: bytes) -> str:
@@ -247,24 +274,39 @@ def _decode(line: bytes) -> str:
 
 
 class _CsvLines:
-    """Feeds csv.reader decoded physical lines and remembers which were over the limit."""
+    """Feeds csv.reader decoded physical lines; remembers, since the last `mark()`, which were
+    over the limit and how many quote characters went by (odd: inside a quoted field)."""
 
-    def __init__(self, lines: Iterator[tuple[int, bytes | None]]):
+    def __init__(self, lines: Iterator[tuple[int, bytes | None, int]]):
         self.lines = lines
-        self.too_long: list[int] = []
+        self.too_long = False
+        self.quotes = 0
+
+    def mark(self) -> None:
+        self.too_long, self.quotes = False, 0
 
     def __iter__(self) -> _CsvLines:
         return self
 
     def __next__(self) -> str:
-        lineno, line = next(self.lines)
+        lineno, line, quotes = next(self.lines)
+        self.quotes += quotes
         if line is None:
-            self.too_long.append(lineno)
-            return "\n"
+            self.too_long = True
+            return '"' * (quotes % 2) + "\n"  # same quoting state as the line it replaces
         text = _decode(line)
         if lineno == 1:
             text = text.removeprefix("\ufeff")  # spreadsheets' UTF-8 byte-order mark
         return text + "\n"
+
+    def skip_quoted_rest(self) -> None:
+        """After a csv.Error inside a quoted field: drop the lines up to the one closing it,
+        so the next row starts on a row boundary again."""
+        while self.quotes % 2:
+            try:
+                next(self)
+            except StopIteration:
+                return
 
 
 class ExpandInput(beam.DoFn):
@@ -399,7 +441,7 @@ class ExpandInput(beam.DoFn):
 
     def _jsonl_rows(self, path: str) -> Iterator[tuple[int, dict, str | None]]:
         with self._open_text(path) as f:
-            for lineno, line in _bounded_lines(f, MAX_ROW_BYTES):
+            for lineno, line, _ in _bounded_lines(_LineReader(f), MAX_ROW_BYTES):
                 if line is None:
                     yield lineno, {}, f"line longer than {MAX_ROW_BYTES} bytes"
                     continue
@@ -423,25 +465,25 @@ class ExpandInput(beam.DoFn):
 
     def _csv_rows(self, path: str) -> Iterator[tuple[int, dict, str | None]]:
         with self._open_text(path) as f:
-            lines = _CsvLines(_bounded_lines(f, MAX_ROW_BYTES))
+            lines = _CsvLines(_bounded_lines(_LineReader(f), MAX_ROW_BYTES))
             reader = csv.reader(lines)
             header: list[str] | None = None
             while True:
                 start = reader.line_num + 1
+                lines.mark()
                 try:
                     values = next(reader)
                 except StopIteration:
                     return
                 except csv.Error as exc:
-                    lines.too_long.clear()
                     if header is None:
-                        raise ValueError(f"{path}: unreadable CSV header: {exc}") from exc
+                        raise ValueError(f"unreadable CSV header: {exc}") from exc
+                    lines.skip_quoted_rest()
                     yield start, {}, f"CSV: {exc}"
                     continue
                 if lines.too_long:
-                    lines.too_long.clear()
                     if header is None:
-                        raise ValueError(f"{path}: CSV header longer than {MAX_ROW_BYTES} bytes")
+                        raise ValueError(f"CSV header longer than {MAX_ROW_BYTES} bytes")
                     yield start, {}, f"row longer than {MAX_ROW_BYTES} bytes"
                     continue
                 if header is None:
