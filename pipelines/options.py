@@ -69,6 +69,19 @@ class TranslationStageConfig(FrozenConfigModel):
     options: dict[str, Any] = Field(
         default_factory=dict, description="passed to the engine's TranslatorConfig"
     )
+    score: bool = Field(
+        True,
+        description="score each translation (translation_score, roundtrip_chrf, "
+        "translation_logprob in the shard)",
+    )
+    roundtrip: bool = Field(
+        True,
+        description="round-trip chrF: translate back with reverse_model, or with the "
+        "translator itself when it serves target -> source (else confidence only)",
+    )
+    reverse_model: str | None = Field(
+        None, description="translators (CTranslate2) model for the round trip (target -> source)"
+    )
 
 
 class TextFilterConfig(FrozenConfigModel):
@@ -85,6 +98,42 @@ class TextFilterConfig(FrozenConfigModel):
     )
     min_keep: int = Field(1, description="near-duplicate pruning keeps at least this many")
     language_check: bool = Field(True, description="lingua check of each translation")
+    language_candidates: Literal["wide", "all"] = Field(
+        "wide",
+        description='lingua\'s candidate languages: "wide" (a fixed set of 33 common '
+        'languages, plus any target outside it) or "all" (every lingua language; slower)',
+    )
+    language_margin: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="wrong language only when lingua (all its languages) is this much more "
+        "confident of another language than of the target",
+    )
+    degenerate_check: bool = Field(
+        True, description="drop translations with repetition loops or a bad length ratio"
+    )
+    max_ngram_repeats: int = Field(
+        2, ge=1, description="a word 4-gram occurring more often is a repetition loop"
+    )
+    min_length_ratio: float = Field(
+        0.2, ge=0.0, description="shorter translations (characters vs source) are dropped"
+    )
+    max_length_ratio: float = Field(
+        3.0, gt=0.0, description="longer translations (characters vs source) are dropped"
+    )
+    min_translation_score: float | None = Field(
+        None, description="drop translations whose translation_score (0-1) is below this"
+    )
+    min_roundtrip_chrf: float | None = Field(
+        None, description="drop translations whose round-trip chrF (0-1) is below this"
+    )
+    min_translation_logprob: float | None = Field(
+        None, description="drop translations whose mean token log-probability is below this"
+    )
+    translation_top_k: int | None = Field(
+        None, ge=1, description="keep the k best-scoring translations per image and language"
+    )
 
 
 class ClipConfig(FrozenConfigModel):
@@ -97,6 +146,19 @@ class ClipConfig(FrozenConfigModel):
     )
     top_k: int | None = Field(None, ge=1, description="keep the k best captions per image")
     score: bool = Field(True, description="compute CLIP scores (filter with threshold/top_k)")
+    source_filter: bool = Field(
+        True,
+        description="drop source alt-text that does not match its image before it is "
+        "translated (source_min_score / source_relative)",
+    )
+    source_min_score: float | None = Field(
+        None, description="drop source alt-text whose CLIP score is below this"
+    )
+    source_relative: float | None = Field(
+        0.5,
+        description="drop source alt-text scoring below this share of the mean CLIP score of "
+        "the image's synthetic captions (when there are any)",
+    )
     embed_images: bool = Field(False, description="write CLIP image embeddings (`embedding`)")
     batch_size: int = Field(32, ge=1, description="images per CLIP batch")
     device: str = Field("auto", description="auto | cpu | cuda")
@@ -163,6 +225,24 @@ class AugmentConfig(FrozenConfigModel):
     )
     rows_per_shard: int = Field(1000, ge=1, description="target rows per shard")
     seed: int = Field(0, description="seed of everything random (sampled captions)")
+    unit_size: int = Field(
+        1000, ge=1, description="inputs per work unit (fixed for an output at its first run)"
+    )
+    units_per_wave: int = Field(
+        4, ge=1, description="work units per pipeline run; each is committed when its wave ends"
+    )
+    max_dead_letter_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="fail (committing nothing more) when more of the run's inputs than this "
+        "are dead-lettered (duplicates not counted); 1 turns the guard off",
+    )
+    overwrite: bool = Field(
+        False,
+        description="replace an output made with another configuration (swapped in only "
+        "when the whole new run succeeded)",
+    )
 
     @field_validator("languages", "image_extensions", mode="before")
     @classmethod

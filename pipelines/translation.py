@@ -7,6 +7,11 @@ target language over all their English captions, so the engine can sort by lengt
 repeated sentences and answer from its translation memory (on by default). Each translation
 links back to its English caption through `source_index`.
 
+With `score` (the default) every translation is scored in the same batch
+(`translators.scoring.TranslationScorer`): its round-trip chrF (through `reverse_model`, or the
+translator itself when it serves target -> source) and the translator's mean token
+log-probability (`score_batch`), combined into `translation_score`; `filters` filter on them.
+
 `check_languages` resolves the target codes and checks the model serves them: it runs in
 the driver before the pipeline starts, so a typo fails at once with a clear message.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -67,6 +73,25 @@ def check_languages(cfg: TranslationStageConfig, languages: Sequence[str]) -> tu
     return tuple(codes)
 
 
+@dataclass
+class Engines:
+    """What one worker loads: the translator and, when scoring, its scorer."""
+
+    translator: Any  # translators.Translator
+    scorer: Any = None  # translators.scoring.TranslationScorer
+    roundtrip_ok: dict[str, bool] | None = None  # target -> can the round trip be made
+
+
+def _serves(engine: Any, src: str, tgt: str) -> bool:
+    from babelcap.translators import resolve
+
+    try:
+        engine.codec.language_tokens(resolve(src), resolve(tgt))
+    except ValueError:
+        return False
+    return True
+
+
 class TranslateModelHandler(ModelHandler[dict, dict, Any]):
     def __init__(
         self, config: TranslationStageConfig, languages: Sequence[str], source: str = "en"
@@ -79,8 +104,27 @@ class TranslateModelHandler(ModelHandler[dict, dict, Any]):
     def load_model(self) -> Any:
         from babelcap.translators import Translator
 
-        log.info("loading translator %s", self.config.model)
-        return Translator(engine_config(self.config, local_model_path(self.config.model))).load()
+        cfg = self.config
+        log.info("loading translator %s", cfg.model)
+        forward = Translator(engine_config(cfg, local_model_path(cfg.model))).load()
+        if not cfg.score:
+            return Engines(forward)
+        from babelcap.translators.scoring import TranslationScorer
+
+        reverse = forward
+        if cfg.roundtrip and cfg.reverse_model:
+            log.info("loading round-trip translator %s", cfg.reverse_model)
+            reverse = Translator(engine_config(cfg, local_model_path(cfg.reverse_model))).load()
+        ok = {t: cfg.roundtrip and _serves(reverse, t, self.source) for t in self.languages}
+        if cfg.roundtrip and not all(ok.values()):
+            log.warning(
+                "no round trip into %s for %s (translator %s does not serve it; give "
+                "reverse_model): those translations are scored by confidence only",
+                self.source,
+                sorted(t for t, v in ok.items() if not v),
+                cfg.reverse_model or cfg.model,
+            )
+        return Engines(forward, TranslationScorer(forward, reverse), ok)
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         return {"min_batch_size": self.config.batch_size, "max_batch_size": self.config.batch_size}
@@ -94,6 +138,7 @@ class TranslateModelHandler(ModelHandler[dict, dict, Any]):
     def run_inference(
         self, batch: Sequence[dict], model: Any, inference_args: dict | None = None
     ) -> Iterable[dict]:
+        engines, model = model, model.translator
         before = model.stats.as_dict()
         where: list[tuple[int, int]] = []  # (record, caption index) of each English caption
         texts: list[str] = []
@@ -106,14 +151,28 @@ class TranslateModelHandler(ModelHandler[dict, dict, Any]):
         model_id = model.info.model_id
         for tgt in self.languages:
             outputs = model.translate_batch(texts, self.source, tgt) if texts else []
-            for (r, j), text in zip(where, outputs, strict=True):
+            outputs = [" ".join(text.split()) for text in outputs]
+            scores = [None] * len(outputs)
+            if engines.scorer is not None and outputs:
+                scores = engines.scorer.score(
+                    texts, outputs, self.source, tgt, roundtrip=engines.roundtrip_ok[tgt]
+                )
+            for (r, j), text, sc in zip(where, outputs, scores, strict=True):
+                signals = {}
+                if sc is not None:
+                    signals = {
+                        "translation_score": sc.combined,
+                        "roundtrip_chrf": sc.roundtrip_chrf,
+                        "translation_logprob": sc.logprob,
+                    }
                 new[r].append(
                     schema.caption(
-                        " ".join(text.split()),
+                        text,
                         tgt,
                         schema.ORIGIN_TRANSLATED,
                         model=model_id,
                         source_index=j,
+                        **signals,
                     )
                 )
         after = model.stats.as_dict()
@@ -125,6 +184,7 @@ class TranslateModelHandler(ModelHandler[dict, dict, Any]):
             rec = dict(rec)
             rec["captions"] = [*rec["captions"], *caps]
             bump(rec, "translate.translations", len(caps))
+            bump(rec, "translate.scored", sum(c["translation_score"] is not None for c in caps))
             out.append(rec)
         return out
 

@@ -3,7 +3,10 @@
 `Translator(TranslatorConfig(model_dir=...))` is cheap to build and to pickle (only the
 configuration travels); `load()` (called on first use) opens the CTranslate2 model and its
 tokenizer. `translate(texts, src, tgt)` returns one string per input, in input order;
-`translate_hypotheses` returns several per input (beam search or sampling).
+`translate_hypotheses` returns several per input (beam search or sampling); `score(sources,
+targets, src, tgt)` is the model's length-normalised log-probability of given translations
+(CTranslate2 `score_batch`, forced decoding: one pass, no search), the confidence signal of
+`translators.scoring`.
 
 Per call: empty inputs short-circuit, normalised duplicates and memory hits are not
 re-translated, over-long inputs are split (or truncated) with a count, and the rest goes to
@@ -283,6 +286,69 @@ class Translator:
                 self.memory.put_many(new_items)
             self.stats.translated += len(todo)
         return results  # type: ignore[return-value]
+
+    def score(
+        self, sources: Sequence[str], targets: Sequence[str], src: str, tgt: str
+    ) -> list[float | None]:
+        """Mean log-probability per target token (end of sentence included, the target
+        language token excluded) of each `targets[i]` as a translation of `sources[i]`; None
+        for an empty source or target. Forced decoding with `score_batch`, so a cached
+        translation is scored exactly like a fresh one; scores are kept in the translation
+        memory (options "logprob") next to the translations."""
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        src_lang, tgt_lang = resolve(src), resolve(tgt)
+        codec = self.load()._codec
+        src_tok, tgt_tok = codec.language_tokens(src_lang, tgt_lang)
+        out: list[float | None] = [None] * len(sources)
+        keys: dict[MemoryKey, list[int]] = {}
+        for i, (s, t) in enumerate(zip(sources, targets, strict=True)):
+            s_norm, t_norm = normalize(s), normalize(t)
+            if s_norm and t_norm:
+                key = MemoryKey(
+                    self.info.model_id,
+                    src_lang.code,
+                    tgt_lang.code,
+                    "logprob",
+                    f"{s_norm}\x00{t_norm}",
+                )
+                keys.setdefault(key, []).append(i)
+        todo = list(keys)
+        if todo:
+            for key, value in zip(todo, self.memory.get_many(todo), strict=True):
+                if value is not None:
+                    for i in keys[key]:
+                        out[i] = float(value[0])
+            todo = [k for k in todo if out[keys[k][0]] is None]
+        if not todo:
+            return out
+        limit = max(1, self.info.max_input_length - codec.n_special(src_tok, tgt_tok))
+        prefix = codec.target_prefix(tgt_tok) or []
+        batch_src, batch_tgt = [], []
+        for key in todo:
+            s_norm, t_norm = key.text.split("\x00", 1)
+            batch_src.append(codec.build_source(codec.encode(s_norm)[:limit], src_tok, tgt_tok))
+            # The codec keeps the target-side SentencePiece private; scoring needs it.
+            pieces = codec._tgt.encode(t_norm)[: self.info.max_input_length - len(prefix) - 1]
+            batch_tgt.append([*prefix, *pieces])
+        results = self._ct2.score_batch(
+            batch_src,
+            batch_tgt,
+            max_batch_size=self.config.max_batch_size,
+            batch_type=self.config.batch_type,
+            max_input_length=0,
+            offset=len(prefix),  # the language token is given, not predicted
+        )
+        new_items = []
+        for key, res in zip(todo, results, strict=True):
+            logp = res.log_probs
+            value = round(sum(logp) / len(logp), 6) if logp else None
+            for i in keys[key]:
+                out[i] = value
+            if value is not None:
+                new_items.append((key, [repr(value)]))
+        self.memory.put_many(new_items)
+        return out
 
     # -- internals -------------------------------------------------------------------------
     def _fit(self, pieces: list[str], limit: int, mode: str) -> list[list[str]]:

@@ -20,7 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1.0"
+# Major: readers refuse other majors. Minor: fields added (listed in ADDED_FIELDS), which
+# readers of this version accept as absent in files written before them.
+SCHEMA_VERSION = "1.1"
 
 # Caption origins.
 ORIGIN_SOURCE = "source"  # alt-text that came with the image
@@ -41,8 +43,18 @@ CAPTION_TYPE = pa.struct(
         pa.field("prompt", pa.string()),  # captioner prompt prefix, if any
         pa.field("source_index", pa.int32()),  # index in `captions` this was translated from
         pa.field("score", pa.float32()),  # optional quality score (CLIP score)
+        # Translations only (1.1), from `translators.scoring`; null when not scored:
+        # combined translation quality in [0, 1] (mean of the signals below, as [0, 1])
+        pa.field("translation_score", pa.float32()),
+        # chrF (0-1) of the round trip (translation translated back) against the source
+        pa.field("roundtrip_chrf", pa.float32()),
+        # the translator's mean log-probability per token of this translation (<= 0)
+        pa.field("translation_logprob", pa.float32()),
     ]
 )
+
+# Caption fields added by minor versions: files written before them may lack them.
+ADDED_FIELDS = frozenset({"translation_score", "roundtrip_chrf", "translation_logprob"})
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -96,6 +108,9 @@ def caption(
     prompt: str | None = None,
     source_index: int | None = None,
     score: float | None = None,
+    translation_score: float | None = None,
+    roundtrip_chrf: float | None = None,
+    translation_logprob: float | None = None,
 ) -> dict[str, Any]:
     """Build one caption entry (a dict matching ``CAPTION_TYPE``)."""
     if origin not in ORIGINS:
@@ -108,6 +123,9 @@ def caption(
         "prompt": prompt,
         "source_index": source_index,
         "score": score,
+        "translation_score": translation_score,
+        "roundtrip_chrf": roundtrip_chrf,
+        "translation_logprob": translation_logprob,
     }
 
 
@@ -125,11 +143,37 @@ def file_metadata(
     }
 
 
+# Hugging Face `datasets` reads a file's features from this schema metadata key: with it,
+# `load_dataset` decodes `image` as an Image without a cast.
+META_HUGGINGFACE = b"huggingface"
+
+
+def hf_features(arrow_schema: pa.Schema) -> dict[str, Any]:
+    """The `datasets` Features (as its JSON) of a shard schema; `image` is an Image."""
+
+    def feature(name: str, t: pa.DataType) -> Any:
+        if name == "image" and t.equals(IMAGE_TYPE):
+            return {"_type": "Image"}
+        if pa.types.is_struct(t):
+            return {
+                f.name: feature(f.name, f.type) for f in (t.field(i) for i in range(t.num_fields))
+            }
+        if pa.types.is_list(t):
+            return [feature("", t.value_type)]  # a list of one feature: datasets' List
+        names = {"float": "float32", "double": "float64", "halffloat": "float16"}
+        return {"dtype": names.get(str(t), str(t)), "_type": "Value"}
+
+    return {f.name: feature(f.name, f.type) for f in arrow_schema}
+
+
 def shard_schema(
     config: Mapping[str, Any] | None = None, models: Mapping[str, Any] | None = None
 ) -> pa.Schema:
-    """``SHARD_SCHEMA`` carrying babelcap metadata (for writers such as Beam's WriteToParquet)."""
-    return SHARD_SCHEMA.with_metadata(file_metadata(KIND_SHARD, config, models))
+    """``SHARD_SCHEMA`` carrying babelcap metadata (for writers such as Beam's WriteToParquet)
+    and Hugging Face's feature metadata."""
+    meta = file_metadata(KIND_SHARD, config, models)
+    meta[META_HUGGINGFACE] = json.dumps({"info": {"features": hf_features(SHARD_SCHEMA)}}).encode()
+    return SHARD_SCHEMA.with_metadata(meta)
 
 
 def dead_letter_schema(config: Mapping[str, Any] | None = None) -> pa.Schema:
@@ -180,8 +224,9 @@ def _type_matches(actual: pa.DataType, expected: pa.DataType) -> bool:
             return False
         names = {actual.field(i).name: actual.field(i).type for i in range(actual.num_fields)}
         return all(
-            expected.field(i).name in names
-            and _type_matches(names[expected.field(i).name], expected.field(i).type)
+            _type_matches(names[expected.field(i).name], expected.field(i).type)
+            if expected.field(i).name in names
+            else expected.field(i).name in ADDED_FIELDS  # written by an older minor version
             for i in range(expected.num_fields)
         )
     if pa.types.is_list(expected):

@@ -5,6 +5,10 @@ Two models, one per family the engine serves:
   vocab.json), like Helsinki-NLP/opus-mt-*;
 - `m2m-multi`: one M2M100ForConditionalGeneration en->{pt, es, de, hi} with an
   M2M100Tokenizer (sentencepiece + `__xx__` language tokens), like facebook/m2m100.
+And two for translation quality scoring:
+- `m2m-weak`: the same architecture and data as `m2m-multi`, trained far less (a
+  deliberately bad translator, so benchmarks can show what a translation-score filter buys);
+- `m2m-to-en`: {pt, es, de, hi}->en (`reverse`), the reverse model of round-trip scoring.
 
 Each gets a SentencePiece model trained on the world's text, trains on
 `world.corpus.parallel_pairs` (fresh scenes, never the world's images), is saved in
@@ -61,6 +65,8 @@ DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
         "dropout": 0.0,
     },
 }
+DEFAULT_CONFIGS["m2m-weak"] = {**DEFAULT_CONFIGS["m2m-multi"], "steps": 250, "warmup_steps": 50}
+DEFAULT_CONFIGS["m2m-to-en"] = {**DEFAULT_CONFIGS["m2m-multi"], "reverse": True, "steps": 1500}
 DEFAULT_CONFIG = DEFAULT_CONFIGS["marian-en-pt"]
 
 
@@ -71,6 +77,9 @@ def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, A
     from babelcap.translators import convert_model
 
     cfg = dict(config)
+    reverse = bool(cfg.get("reverse"))  # train targets -> src instead of src -> targets
+    if reverse and cfg["family"] == "marian":
+        raise ValueError("reverse world translators are M2M100 models")
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     torch.set_num_threads(cfg["threads"])
@@ -84,10 +93,11 @@ def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, A
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     train_s = time.perf_counter() - start
-    convert_model(
-        hf_dir, ct2_dir, languages={"source": [cfg["src"]], "target": cfg["targets"]}, force=True
-    )
-    quality = evaluate(world_dir, ct2_dir, cfg["src"], cfg["targets"])
+    sides = {"source": [cfg["src"]], "target": cfg["targets"]}
+    if reverse:
+        sides = {"source": cfg["targets"], "target": [cfg["src"]]}
+    convert_model(hf_dir, ct2_dir, languages=sides, force=True)
+    quality = evaluate(world_dir, ct2_dir, cfg["src"], cfg["targets"], reverse=reverse)
     summary = {
         "family": cfg["family"],
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -245,7 +255,11 @@ def _train(model, tokenizer, pairs: dict[str, list[tuple[str, str]]], cfg: dict[
 
     examples = []
     for tgt, tgt_pairs in pairs.items():
-        examples += _encode(tokenizer, cfg["family"], cfg["src"], tgt, tgt_pairs)
+        if cfg.get("reverse"):
+            back = [(t, s) for s, t in tgt_pairs]
+            examples += _encode(tokenizer, cfg["family"], tgt, cfg["src"], back)
+        else:
+            examples += _encode(tokenizer, cfg["family"], cfg["src"], tgt, tgt_pairs)
     rng = random.Random(cfg["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     steps, warm = cfg["steps"], cfg["warmup_steps"]
@@ -286,8 +300,11 @@ def gold_pairs(world_dir: Path, src: str, tgt: str, split: str = "test") -> list
     return pairs
 
 
-def evaluate(world_dir: Path, ct2_dir: Path, src: str, targets: list[str]) -> dict[str, Any]:
-    """chrF, BLEU and exact-match rate per target language on the world's test captions."""
+def evaluate(
+    world_dir: Path, ct2_dir: Path, src: str, targets: list[str], reverse: bool = False
+) -> dict[str, Any]:
+    """chrF, BLEU and exact-match rate per target language on the world's test captions
+    (with `reverse`, of each target language back into `src`)."""
     import sacrebleu
 
     from babelcap.translators import Translator
@@ -298,9 +315,12 @@ def evaluate(world_dir: Path, ct2_dir: Path, src: str, targets: list[str]) -> di
         pairs = gold_pairs(world_dir, src, tgt)
         if not pairs:
             continue
-        hyps = translator.translate([s for s, _ in pairs], src, tgt)
+        a, b = (tgt, src) if reverse else (src, tgt)
+        if reverse:
+            pairs = [(t, s) for s, t in pairs]
+        hyps = translator.translate([s for s, _ in pairs], a, b)
         refs = [t for _, t in pairs]
-        out[f"{src}-{tgt}"] = {
+        out[f"{a}-{b}"] = {
             "chrf": round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2),
             "bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2),
             "exact_match": round(
