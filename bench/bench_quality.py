@@ -15,12 +15,18 @@ on (by id and perceptual hash; an overlap stops the benchmark):
 - CAPIVARA, CLIP top-k: the k best synthetic captions per image are kept;
 - oracle: the same LiT + LoRA recipe on the gold Portuguese captions;
 - alignment + per-language adapters (PECTVLM-style) on the top-k shards, all four languages;
-- continual learning with TEIR (CLL-CLIP) pt -> es -> de -> hi on the top-k shards.
+- continual learning with TEIR (CLL-CLIP) pt -> es -> de -> hi on the top-k shards;
+- translation scores and filters (issue 18), side by side, with the world's translator and
+  with its deliberately weak one (`m2m-weak`: same architecture, trained far less): alt-text
+  only and CAPIVARA top-k, each without filters, with the source alt-text CLIP filter, and with
+  the source filter plus the translation-score filter (`min_translation_score`; round trips
+  through the world's reverse model `m2m-to-en`).
 
 The CAPIVARA rows and the oracle train Portuguese (English captions mixed in); the last two
 train all four languages. Writes bench/results/quality.json (+ quality.png, the chart).
 
-    python bench/bench_quality.py [--world DIR] [--seeds 0,1,2] [--quick]
+    python bench/bench_quality.py [--world DIR] [--seeds 0,1,2] [--quick] [--rows REGEX]
+        [--limit N]   (smoke: --quick --seeds 0 --limit 80 --rows "filters")
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import statistics
 import sys
 from dataclasses import dataclass
@@ -65,19 +72,26 @@ def augment(
     top_k: int | None = None,
     num_captions: int = 5,
     workers: int = 2,
+    translator: str = "m2m-multi",
+    source_filter: bool = False,
+    source_min_score: float | None = None,
+    min_translation_score: float | None = None,
+    manifest: Path | None = None,
 ) -> Path:
-    """Beam augmentation of the world's training split (cached by configuration)."""
+    """Beam augmentation of the world's manifest (cached by configuration). The source alt-text
+    filter is off unless asked for, so the rows before issue 18 measure what they did."""
     from babelcap.pipelines.options import (
         AugmentConfig,
         CaptionerConfig,
         ClipConfig,
+        TextFilterConfig,
         TranslationStageConfig,
     )
     from babelcap.pipelines.runner import published_run, run
     from babelcap.world.models import model_dir
 
     config = AugmentConfig(
-        input=str(world / "manifest.jsonl"),
+        input=str(manifest or world / "manifest.jsonl"),
         output=str(out),
         languages=TARGETS,
         captioner=CaptionerConfig(
@@ -85,31 +99,88 @@ def augment(
         )
         if captioner
         else None,
-        translator=TranslationStageConfig(model=str(model_dir(world, "m2m-multi") / "ct2")),
+        translator=TranslationStageConfig(
+            model=str(model_dir(world, translator) / "ct2"),
+            reverse_model=str(model_dir(world, "m2m-to-en") / "ct2"),
+        ),
         clip=ClipConfig(
             model=str(model_dir(world, "clip-base")),
             score_threshold=threshold,
             top_k=top_k,
             embed_images=True,
+            source_filter=source_filter,
+            source_min_score=source_min_score,
         ),
+        text=TextFilterConfig(min_translation_score=min_translation_score),
     )
     if published_run(config) is None:
         run(config, workers=workers, echo=False)
-    return out / "shards"
+    return out  # the trainer reads an output folder (its shards, wherever they are)
 
 
-def median_synthetic_score(shards: Path) -> float:
-    import pyarrow.dataset as ds
+def median_score(output: Path, origin: str = "synthetic") -> float:
+    """Median CLIP score of the captions of `origin` in an augment output."""
+    import pyarrow.parquet as pq
 
-    from babelcap.core.schema import ORIGIN_SYNTHETIC
+    from babelcap.core.shards import find_shards
 
+    found = find_shards(output)
     scores = [
         c["score"]
-        for row in ds.dataset(str(shards)).to_table(columns=["captions"]).column("captions")
-        for c in row.as_py()
-        if c["origin"] == ORIGIN_SYNTHETIC and c["score"] is not None
+        for f in found.files
+        for row in pq.read_table(f, columns=["captions"], filesystem=found.filesystem)
+        .column("captions")
+        .to_pylist()
+        for c in row
+        if c["origin"] == origin and c["score"] is not None
     ]
     return float(statistics.median(scores))
+
+
+def filter_rows(
+    world: Path,
+    out: Path,
+    top_k: int,
+    min_translation_score: float,
+    manifest: Path | None,
+) -> dict[str, Path]:
+    """Issue 18's rows: {alt-text only, CAPIVARA top-k} x {no filter, source filter, source +
+    translation-score filter} x {the world's translator, its weak one}. Alt-text only has no
+    synthetic captions to compare with, so its source filter is an absolute threshold: the
+    median CLIP score of the alt-text (half of the world's alt-text is noise)."""
+    rows: dict[str, Path] = {}
+    for name, tr in (("", "m2m-multi"), (" [weak translator]", "m2m-weak")):
+        alt = augment(
+            world, out / f"aug-alt-{tr}", captioner=False, translator=tr, manifest=manifest
+        )
+        cut = median_score(alt, "source")
+        for base, kw in (
+            ("alt-text only", {"captioner": False, "source_min_score": cut}),
+            (f"CAPIVARA, CLIP top-{top_k}", {"captioner": True, "top_k": top_k}),
+        ):
+            tag = "alt" if base.startswith("alt") else "topk"
+            none = {k: v for k, v in kw.items() if k != "source_min_score"}
+            rows[f"{base}{name}, no filter"] = augment(
+                world, out / f"aug-{tag}-{tr}-none", translator=tr, manifest=manifest, **none
+            )
+            rows[f"{base}{name}, source filter"] = augment(
+                world,
+                out / f"aug-{tag}-{tr}-src",
+                translator=tr,
+                source_filter=True,
+                manifest=manifest,
+                **kw,
+            )
+            rows[f"{base}{name}, source + score >= {min_translation_score}"] = augment(
+                world,
+                out / f"aug-{tag}-{tr}-src-score",
+                translator=tr,
+                source_filter=True,
+                min_translation_score=min_translation_score,
+                manifest=manifest,
+                **kw,
+            )
+    return rows
 
 
 def train_and_eval(
@@ -232,6 +303,42 @@ def plot(recipes: dict[str, dict[str, Any]], out_png: Path) -> Path:
     )
 
 
+def filter_targets(
+    recipes: dict[str, dict[str, Any]], oracle: float, base_en: float
+) -> dict[str, Any]:
+    """Issue 18's targets: CAPIVARA top-k with the filters >= 95% of the oracle with English
+    down <= 1 point; with the weak translator, the filters recover >= half of the gap between
+    the weak and the good translator (per base recipe, no filter vs filtered)."""
+    out: dict[str, Any] = {}
+    for name, r in recipes.items():
+        if name.startswith("filters: CAPIVARA") and "weak" not in name and "source" in name:
+            pct = 100 * r["pt_mean_recall"] / oracle
+            change = r["en_mean_recall"] - base_en
+            out[name] = {
+                "pct_oracle_pt": pct,
+                "en_change": change,
+                "met": pct >= 95 and change >= -1.0,
+            }
+    for name, weak in recipes.items():
+        if not (name.startswith("filters: ") and "[weak translator]" in name):
+            continue
+        if "no filter" in name:
+            continue
+        base = name.split("[weak translator]")[0].strip()
+        good = recipes.get(f"{base}, no filter")
+        weak_none = recipes.get(f"{base} [weak translator], no filter")
+        if not good or not weak_none:
+            continue
+        gap = good["pt_mean_recall"] - weak_none["pt_mean_recall"]
+        gained = weak["pt_mean_recall"] - weak_none["pt_mean_recall"]
+        out[name] = {
+            "gap": gap,
+            "recovered": gained / gap if gap > 0 else None,
+            "met": gap > 0 and gained >= 0.5 * gap,
+        }
+    return out
+
+
 def default_world(quick: bool) -> Path:
     """The tests' world (quick) or the demo's 1000-image world (built here when missing)."""
     if quick:
@@ -253,6 +360,18 @@ def main() -> int:
     parser.add_argument(
         "--quick", action="store_true", help="the tests' world, 2 seeds, fewer steps"
     )
+    parser.add_argument(
+        "--rows", default=None, help="only recipes whose name matches this regex (+ oracle)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="augment only the first N manifest rows (smoke)"
+    )
+    parser.add_argument(
+        "--min-translation-score",
+        type=float,
+        default=0.6,
+        help="the translation-score filter of the issue-18 rows",
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in parse_list(args.seeds)]
     if args.quick:
@@ -265,7 +384,7 @@ def main() -> int:
     from babelcap.world.shards import write_world_shards
 
     world = Path(args.world).resolve() if args.world else default_world(args.quick)
-    models = ["captioner", "m2m-multi", "clip-base"]
+    models = ["captioner", "m2m-multi", "m2m-weak", "m2m-to-en", "clip-base"]
     build_models(world, only=models)
     # Runs are reused only for the same world and models (their build stamps).
     stamps = [world / "world.json", *(model_dir(world, m) / STAMP for m in models)]
@@ -273,55 +392,94 @@ def main() -> int:
     out = Path(args.out).resolve() / f"{world.name}-{key}"
     data = load_eval_data(f"world:{world}", LANGUAGES, split="test")
 
+    manifest = None
+    if args.limit:  # a smoke run: the first N rows of the manifest, image paths made absolute
+        out = out / f"limit{args.limit}"
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = out / "manifest.jsonl"
+        lines = (world / "manifest.jsonl").read_text().splitlines()[: args.limit]
+        rows = [json.loads(x) for x in lines]
+        manifest.write_text(
+            "".join(
+                json.dumps({**r, "image_path": str(world / r["image_path"])}) + "\n" for r in rows
+            )
+        )
+    wanted = re.compile(args.rows) if args.rows else None
+
+    def want(name: str) -> bool:
+        return wanted is None or bool(wanted.search(name))
+
     print("[quality] augmenting (Beam) ...", flush=True)
-    shards = {
-        "alt-text only": augment(world, out / "aug-alt", captioner=False),
-        "CAPIVARA, no filter": augment(world, out / "aug-none", captioner=True),
-    }
-    threshold = median_synthetic_score(shards["CAPIVARA, no filter"])
-    shards[f"CAPIVARA, CLIP score >= {threshold:.3f} (median)"] = augment(
-        world, out / "aug-threshold", captioner=True, threshold=threshold
-    )
+    shards: dict[str, Path] = {}
     top_k = f"CAPIVARA, CLIP top-{args.top_k}"
-    shards[top_k] = augment(world, out / "aug-topk", captioner=True, top_k=args.top_k)
+    if wanted is None or not args.rows.startswith("filter"):
+        shards["alt-text only"] = augment(
+            world, out / "aug-alt", captioner=False, manifest=manifest
+        )
+        shards["CAPIVARA, no filter"] = augment(
+            world, out / "aug-none", captioner=True, manifest=manifest
+        )
+        threshold = median_score(shards["CAPIVARA, no filter"])
+        shards[f"CAPIVARA, CLIP score >= {threshold:.3f} (median)"] = augment(
+            world, out / "aug-threshold", captioner=True, threshold=threshold, manifest=manifest
+        )
+        shards[top_k] = augment(
+            world, out / "aug-topk", captioner=True, top_k=args.top_k, manifest=manifest
+        )
+    else:
+        threshold = None
+    # Issue 18's rows ("--rows filters" selects only them).
+    filtered = {
+        f"filters: {name}": path
+        for name, path in filter_rows(
+            world, out, args.top_k, args.min_translation_score, manifest
+        ).items()
+    }
     gold = out / "gold-shards"
     if not gold.exists():
         write_world_shards(world, gold, languages=("pt", "en"), split="train")
 
     plan = [Recipe(n, CONFIGS / "world-capivara.yaml", p, "capivara") for n, p in shards.items()]
-    plan += [
-        Recipe("oracle (gold pt)", CONFIGS / "world-oracle.yaml", gold, "capivara"),
-        Recipe(
-            f"alignment + per-language adapters (top-{args.top_k} shards)",
-            CONFIGS / "world-adapters.yaml",
-            shards[top_k],
-            "alignment",
-        ),
-        Recipe(
-            f"continual TEIR pt>es>de>hi (top-{args.top_k} shards)",
-            CONFIGS / "world-continual.yaml",
-            shards[top_k],
-            "continual",
-        ),
-    ]
+    plan += [Recipe("oracle (gold pt)", CONFIGS / "world-oracle.yaml", gold, "capivara")]
+    if top_k in shards:
+        plan += [
+            Recipe(
+                f"alignment + per-language adapters (top-{args.top_k} shards)",
+                CONFIGS / "world-adapters.yaml",
+                shards[top_k],
+                "alignment",
+            ),
+            Recipe(
+                f"continual TEIR pt>es>de>hi (top-{args.top_k} shards)",
+                CONFIGS / "world-continual.yaml",
+                shards[top_k],
+                "continual",
+            ),
+        ]
+    plan += [Recipe(n, CONFIGS / "world-capivara.yaml", p, "capivara") for n, p in filtered.items()]
     base_dir = model_dir(world, "clip-base")
     recipes = {"base": summarise([evaluate(load_clip(str(base_dir)), data, zero_shot=False)])}
     for i, recipe in enumerate(plan):
+        if recipe.name != "oracle (gold pt)" and not want(recipe.name):
+            continue
         steps = QUICK_STEPS[recipe.method] if args.quick else None
         runs = []
         for seed in seeds:
             print(f"[quality] {recipe.name}, seed {seed} ...", flush=True)
-            run_dir = out / "runs" / f"r{i}-{recipe.method}-s{seed}-{steps or 'cfg'}"
+            tag = f"r{i}" if i < 7 else "f" + hashlib.sha256(recipe.name.encode()).hexdigest()[:8]
+            run_dir = out / "runs" / f"{tag}-{recipe.method}-s{seed}-{steps or 'cfg'}"
             runs.append(train_and_eval(recipe, run_dir, seed, steps, base_dir, data, world))
         recipes[recipe.name] = summarise(runs)
 
     steps_note = ", ".join(f"{k} {v}" for k, v in QUICK_STEPS.items()) if args.quick else "configs'"
-    chart = plot(recipes, RESULTS / "quality.png")
+    partial = bool(args.rows or args.limit)  # a smoke or a subset never replaces the results
+    name = "quality-partial" if partial else "quality"
+    chart = plot(recipes, RESULTS / f"{name}.png")
     oracle = recipes["oracle (gold pt)"]["pt_mean_recall"]
     capivara = {k: v for k, v in recipes.items() if k.startswith("CAPIVARA")}
     base_en = recipes["base"]["en_mean_recall"]
     write_results(
-        "quality",
+        name,
         "Quality on the world: what each part of the recipe buys",
         {
             "world": str(world),
@@ -339,6 +497,9 @@ def main() -> int:
                 }
                 for name, r in capivara.items()
             },
+            "filter_targets": filter_targets(recipes, oracle, base_en),
+            "min_translation_score": args.min_translation_score,
+            "limit": args.limit,
             "recipes": recipes,
         },
         markdown(recipes, world, len(data.images), seeds, steps_note),
