@@ -180,8 +180,9 @@ class SelectCaptions(beam.DoFn):
             return fixed
         synth_scores = [c["score"] for c in synth if c.get("score") is not None]
         relative = None
-        if clip.source_relative is not None and synth_scores:
-            relative = clip.source_relative * sum(synth_scores) / len(synth_scores)
+        mean = sum(synth_scores) / len(synth_scores) if synth_scores else 0.0
+        if clip.source_relative is not None and mean > 0:  # a share of nothing means nothing
+            relative = clip.source_relative * mean
         kept = []
         for cap in fixed:
             score = cap.get("score")
