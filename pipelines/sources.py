@@ -41,6 +41,7 @@ import errno
 import json
 import os
 import posixpath
+import re
 import stat
 import tarfile
 import time
@@ -309,6 +310,48 @@ class _CsvLines:
                 return
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Tar headers that tarfile itself would read whole (pax / GNU long-name records, the
+    extended sparse map) are bounded: a crafted header claiming a gigabyte makes the file a
+    `bad_tar` instead of a gigabyte in memory. (`_proc_member` is tarfile's documented
+    override point for TarInfo subclasses.)"""
+
+    HEADER_TYPES = (
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+    )
+
+    def _proc_member(self, tar):
+        if self.type in self.HEADER_TYPES and self.size > MAX_ROW_BYTES:
+            raise tarfile.SubsequentHeaderError(
+                f"extended header of {self.size} bytes (> {MAX_ROW_BYTES})"
+            )
+        if self.type == tarfile.GNUTYPE_SPARSE and getattr(self, "_sparse_structs", (0, 0))[1]:
+            raise tarfile.SubsequentHeaderError("sparse member with an extended sparse map")
+        return super()._proc_member(tar)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard notation: `shard-{000..009}.tar` (zero-padded ranges) and `{a,b}`."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    head, tail, body = pattern[: match.start()], pattern[match.end() :], match.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = int(rng.group(1)), int(rng.group(2))
+        if hi - lo > 1_000_000:
+            raise ValueError(f"shard range too large: {{{body}}}")
+        width = len(rng.group(1))
+        items = [str(i).zfill(width) for i in range(lo, hi + 1)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
 class ExpandInput(beam.DoFn):
     """One `--input` string -> input records (listing / manifest parsing / tar reading)."""
 
@@ -338,6 +381,10 @@ class ExpandInput(beam.DoFn):
                 f"{folder}: a file, but not a known manifest ({', '.join(MANIFEST_EXTENSIONS)}"
                 f", optionally compressed) or tar ({', '.join(TAR_MODES)}); set input_format",
             )
+            return
+        if _is_local(folder) and not os.path.isdir(_local(folder)):
+            rec = _record(folder, (folder, 0), uri=folder)
+            yield reject(rec, "read", "missing_file", f"{folder}: no such folder")
             return
         exts = tuple(e.lower() for e in self.config.image_extensions)
         pattern = folder.rstrip("/") + "/**"
@@ -508,12 +555,21 @@ class ExpandInput(beam.DoFn):
 
     # --- webdataset ---------------------------------------------------------------------
     def _webdataset(self, pattern: str) -> Iterator[Any]:
-        if any(c in pattern for c in "*?[") or tar_mode(pattern):
-            tars = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-        else:
-            metas = FileSystems.match([pattern.rstrip("/") + "/**"])[0].metadata_list
-            tars = sorted(m.path for m in metas if tar_mode(m.path))
-        for tar_path in tars:
+        tars: list[str] = []
+        for part in expand_braces(pattern):
+            if any(c in part for c in "*?[") or tar_mode(part):
+                found = [m.path for m in FileSystems.match([part])[0].metadata_list]
+                tars += (
+                    [p for p in found if tar_mode(p)] if any(c in part for c in "*?[") else found
+                )
+            else:
+                metas = FileSystems.match([part.rstrip("/") + "/**"])[0].metadata_list
+                tars += [m.path for m in metas if tar_mode(m.path)]
+        if not tars:  # say so, instead of a run of zero inputs
+            rec = _record(pattern, (pattern, 0), uri=pattern)
+            yield reject(rec, "read", "missing_file", f"{pattern}: no tar file found")
+            return
+        for tar_path in sorted(set(tars)):
             yield from self._tar_samples(tar_path)
 
     def _tar_samples(self, tar_path: str) -> Iterator[Any]:
@@ -560,7 +616,7 @@ class ExpandInput(beam.DoFn):
         try:
             with (
                 FileSystems.open(tar_path, compression_type=CompressionTypes.UNCOMPRESSED) as f,
-                tarfile.open(fileobj=f, mode=mode) as tar,
+                tarfile.open(fileobj=f, mode=mode, tarinfo=_BoundedTarInfo) as tar,
             ):
 
                 def read(info: tarfile.TarInfo) -> bytes:

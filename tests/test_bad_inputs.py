@@ -621,3 +621,34 @@ class _Zeros(io.RawIOBase):
         b[:n] = bytes(n)
         self.left -= n
         return n
+
+
+def test_tar_headers_are_bounded_and_shard_braces_expand(tmp_path):
+    """A pax header tarfile would read whole (1 GiB of zeros, gzipped to a few MB is the
+    attack; 2 MiB here) makes the tar a dead letter; `{000..001}` names shards."""
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    big = b"0 x=" + b"y" * (sources.MAX_ROW_BYTES * 2)
+    header.size = len(big)
+    _tar(tmp_path / "shard-000.tar", [(header, io.BytesIO(big)), _member("k.png", _png(1))])
+    _tar(tmp_path / "shard-001.tar", [_member("k.png", _png(2)), _member("k.txt", b"a cat")])
+    cfg = AugmentConfig(input=str(tmp_path / "shard-{000..001}.tar"), output="o")
+    recs, dead = _expand(cfg)
+    assert [r["input_ref"] for r in recs] == [f"{tmp_path}/shard-001.tar#k"]
+    assert [d["error_kind"] for d in dead] == ["bad_tar"] and "extended header" in dead[0][
+        "message"
+    ]
+    assert sources.expand_braces("a{1..3}b{x,y}") == [
+        "a1bx",
+        "a1by",
+        "a2bx",
+        "a2by",
+        "a3bx",
+        "a3by",
+    ]
+
+
+def test_missing_inputs_say_so(tmp_path):
+    for spec, fmt in ((tmp_path / "nope", "folder"), (tmp_path / "s-{0..2}.tar", "webdataset")):
+        recs, dead = _expand(AugmentConfig(input=str(spec), output="o", input_format=fmt))
+        assert not recs and [d["error_kind"] for d in dead] == ["missing_file"]
