@@ -170,3 +170,37 @@ def test_language_verdict_does_not_depend_on_the_other_targets(detectors):
 def test_combined_score_is_the_mean_of_the_signals():
     assert combine(0.5, 0.0) == pytest.approx(0.75)  # exp(0) = 1
     assert combine(None, None) is None and combine(0.4, None) == pytest.approx(0.4)
+
+
+def test_scores_and_filters_are_augment_options():
+    from babelcap.cli import build_parser
+    from babelcap.commands.augment import config_from_args
+
+    args = build_parser().parse_args(
+        [
+            "augment",
+            "--input",
+            "m.jsonl",
+            "--output",
+            "out",
+            "--translator",
+            "tr",
+            "--languages",
+            "pt",
+            "--clip",
+            "clipdir",
+            "--filter",
+            "min_translation_score=0.6",
+            "--filter",
+            "translation_top_k=2",
+            "--set",
+            "translator.reverse_model=back",
+            "--set",
+            "clip.source_relative=0.8",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert cfg.text.min_translation_score == 0.6 and cfg.text.translation_top_k == 2
+    assert cfg.translator.reverse_model == "back" and cfg.translator.score is True
+    assert cfg.clip.source_filter is True and cfg.clip.source_relative == 0.8
+    assert cfg.text.degenerate_check is True  # on by default
