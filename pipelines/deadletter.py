@@ -46,6 +46,17 @@ PERMANENT_READ_KINDS: frozenset[str] = frozenset(
 )
 
 
+def printable(text: str) -> str:
+    """`text` as valid UTF-8 for a Parquet string: bytes that were not UTF-8 (kept by
+    surrogateescape in file names, manifest lines, tar member names) become `\\xNN`."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace")
+
+
 def is_transient(kind: str) -> bool:
     """True when a dead letter of this kind may succeed if simply run again."""
     return kind in TRANSIENT_KINDS
@@ -58,10 +69,10 @@ def reject(
     element = dict(element)
     bump(element, f"{stage}.dead.{kind}")
     row = schema.dead_letter(
-        element.get("input_ref") or element.get("uri") or "?",
+        printable(element.get("input_ref") or element.get("uri") or "?"),
         stage,
         kind,
-        message,
+        printable(message),
         image_id=element.get("image_id"),
     )
     return pvalue.TaggedOutput(DEAD, {"row": row, "stats": element.get("stats", {})})

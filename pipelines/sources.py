@@ -55,7 +55,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from babelcap.pipelines.accounting import INPUTS, bump
-from babelcap.pipelines.deadletter import DEAD, reject
+from babelcap.pipelines.deadletter import DEAD, printable, reject
 from babelcap.pipelines.options import AugmentConfig
 from babelcap.translators.languages import resolve
 
@@ -89,6 +89,9 @@ WDS_GROUP_WINDOW = 16
 # Keys of emitted samples remembered per tar to recognise a late member (`split_sample`); an
 # even later one becomes a sample of its own (accounted for either way).
 MAX_REMEMBERED_KEYS = 100_000
+# Longest language code (BCP-47 tags in practice stay well under this) and split name.
+MAX_LANGUAGE_CHARS = 64
+MAX_SPLIT_CHARS = 256
 # Transient read errors are retried this many times, waiting READ_BACKOFF_S * 2**attempt.
 READ_RETRIES = 3
 READ_BACKOFF_S = 0.5
@@ -158,8 +161,16 @@ def normalize_language(code: str) -> tuple[str, bool]:
 
 
 def _record(input_ref: str, order: tuple, **fields: Any) -> dict[str, Any]:
+    uri = fields.get("uri")
+    if uri is not None and printable(uri) != uri:
+        # A local name that is not UTF-8 (kept by surrogateescape) is read by its bytes but
+        # carried and stored printable: Beam's coders and Parquet strings need valid UTF-8.
+        if _is_local(uri):
+            fields["read_uri"] = os.fsencode(_local(uri))
+        fields["uri"] = printable(uri)
+    order = tuple(printable(x) if isinstance(x, str) else x for x in order)
     rec = {
-        "input_ref": input_ref,
+        "input_ref": printable(input_ref),
         "uri": None,
         "data": None,
         "split": None,
@@ -214,6 +225,20 @@ def _pick(row: dict[str, Any], wanted: str | None, candidates: tuple[str, ...]) 
 
 def _type_name(value: Any) -> str:
     return type(value).__name__
+
+
+def _label(value: Any, field: str, max_chars: int) -> str | None:
+    """A language code or split name from the input: a short valid-UTF-8 string, or None."""
+    if value is None:
+        return None
+    what = "a string code" if field == "language" else "a string"
+    if not isinstance(value, str):
+        raise RowError("bad_manifest_row", f"{field} must be {what}, not {_type_name(value)}")
+    if printable(value) != value:
+        raise RowError("bad_manifest_row", f"{field} is not valid UTF-8: {printable(value)!r}")
+    if len(value) > max_chars:
+        raise RowError("bad_manifest_row", f"{field} longer than {max_chars} characters")
+    return value
 
 
 class RowError(ValueError):
@@ -462,14 +487,8 @@ class ExpandInput(beam.DoFn):
         cap_col = _pick(row, cfg.caption_column, CAPTION_COLUMNS)
         caption, cap_err = _text(row.get(cap_col)) if cap_col else (None, None)
         lang_col = _pick(row, cfg.language_column, LANGUAGE_COLUMNS)
-        language = row.get(lang_col) if lang_col else None
-        if language is not None and not isinstance(language, str):
-            raise RowError(
-                "bad_manifest_row", f"language must be a string code, not {_type_name(language)}"
-            )
-        split = row.get("split")
-        if split is not None and not isinstance(split, str):
-            raise RowError("bad_manifest_row", f"split must be a string, not {_type_name(split)}")
+        language = _label(row.get(lang_col) if lang_col else None, "language", MAX_LANGUAGE_CHARS)
+        split = _label(row.get("split"), "split", MAX_SPLIT_CHARS)
         rec = _record(
             ref,
             order,
@@ -706,23 +725,13 @@ class ExpandInput(beam.DoFn):
             if caption is None and cap_err is None:
                 value = next((meta[c] for c in CAPTION_COLUMNS if c in meta), None)
                 caption, cap_err = _text(value)
-            language = meta.get("language", meta.get("lang"))
-            if language is not None and not isinstance(language, str):
-                return reject(
-                    rec,
-                    "read",
-                    "bad_sample",
-                    f"{ref}.json: language must be a string code, not {_type_name(language)}",
+            try:
+                language = _label(
+                    meta.get("language", meta.get("lang")), "language", MAX_LANGUAGE_CHARS
                 )
-            split = meta.get("split")
-            if split is not None and not isinstance(split, str):
-                return reject(
-                    rec,
-                    "read",
-                    "bad_sample",
-                    f"{ref}.json: split must be a string, not {_type_name(split)}",
-                )
-            rec["split"] = split or None
+                rec["split"] = _label(meta.get("split"), "split", MAX_SPLIT_CHARS) or None
+            except RowError as exc:
+                return reject(rec, "read", "bad_sample", f"{ref}.json: {exc}")
         rec["source_caption"], rec["source_caption_error"] = caption, cap_err
         return _with_language(rec, (language or "").strip() or cfg.source_language)
 
@@ -785,14 +794,14 @@ class ReadBytes(beam.DoFn):
                 return
             yield rec
             return
-        uri = rec["uri"]
+        uri = rec.get("read_uri") or rec["uri"]  # bytes: a local name that is not UTF-8
         attempt = 0
         while True:
             try:
                 data = self._read(uri)
                 break
             except _Refused as exc:
-                yield reject(rec, "read", exc.kind, f"{uri}: {exc}")
+                yield reject(rec, "read", exc.kind, f"{rec['uri']}: {exc}")
                 return
             except Exception as exc:  # BeamIOError / OSError / a client library's own errors
                 kind, transient = classify_read_error(exc)
@@ -801,22 +810,25 @@ class ReadBytes(beam.DoFn):
                     attempt += 1
                     continue
                 tries = f" (after {attempt + 1} attempts)" if attempt else ""
-                yield reject(rec, "read", kind, f"{uri}: {type(exc).__name__}: {exc}{tries}")
+                msg = f"{rec['uri']}: {type(exc).__name__}: {exc}{tries}"
+                yield reject(rec, "read", kind, msg)
                 return
         if data is None:
-            yield reject(rec, "read", "file_too_large", f"{uri}: > {self.max_file_bytes} bytes")
+            msg = f"{rec['uri']}: > {self.max_file_bytes} bytes"
+            yield reject(rec, "read", "file_too_large", msg)
             return
         rec = {**rec, "data": data}
+        rec.pop("read_uri", None)
         bump(rec, "read.ok")
         if attempt:
             bump(rec, "read.retried")
         yield rec
 
-    def _read(self, uri: str) -> bytes | None:
+    def _read(self, uri: str | bytes) -> bytes | None:
         """The file's bytes, or None when it is larger than the limit."""
         limit = self.max_file_bytes
-        if _is_local(uri):
-            path = _local(uri)
+        if isinstance(uri, bytes) or _is_local(uri):
+            path = uri if isinstance(uri, bytes) else _local(uri)
             st = os.stat(path)  # FileNotFoundError etc. classify as permanent
             if not stat.S_ISREG(st.st_mode):
                 raise _Refused("not_a_regular_file", _file_type(st.st_mode))

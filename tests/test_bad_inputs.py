@@ -482,11 +482,17 @@ def test_pipeline_over_a_bad_manifest_with_two_worker_processes(tmp_path):
         ({"image_path": "img/g4.png", "lang": ["en"]}, "bad_manifest_row"),
         ({"image_path": 5, "caption": "number"}, "bad_manifest_row"),
     ]
-    lines = [json.dumps(r, ensure_ascii=False) for r in good]
-    lines += [json.dumps(r) for r, _ in bad]
-    lines.append("[" * 50_000)
+    # a file whose name is not UTF-8 (Latin-1 "café"), named by the manifest in those bytes
+    (data / "img").joinpath(os.fsdecode(b"caf\xe9.png")).write_bytes(_png(6))
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in good]
+    lines.append(b'{"image_path": "img/caf\xe9.png", "caption": "a latin-1 file name"}')
+    good.append({})
+    lines += [json.dumps(r).encode() for r, _ in bad]
+    lines.append(b"[" * 50_000)
+    lines.append(b'{"image_path": "img/g5.png", "caption": "x", "split": "tr\xffin"}')
+    bad.append(({}, "bad_manifest_row"))
     manifest = data / "m.jsonl"
-    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    manifest.write_bytes(b"\n".join(lines) + b"\n")
     before = _tree_digest(tmp_path, tmp_path / "out")
 
     config = AugmentConfig(
@@ -498,6 +504,8 @@ def test_pipeline_over_a_bad_manifest_with_two_worker_processes(tmp_path):
     rows, dead = _read_output(tmp_path / "out")
     assert len(rows) == len(good)
     caps = {r["captions"][0]["text"]: r["captions"][0]["language"] for r in rows}
+    uris = {r["captions"][0]["text"]: r["source_uri"] for r in rows}
+    assert uris["a latin-1 file name"].endswith("img/caf\\xe9.png")  # stored printable
     assert caps["a red square on the left"] == "en"  # U+2028 was whitespace in the caption
     assert caps["um quadrado azul"] == "pt" and caps["a blue circle"] == "en"
     kinds = sorted(d["error_kind"] for d in dead)
@@ -522,6 +530,8 @@ def test_pipeline_over_a_folder_of_bad_tars(tmp_path):
             _member("s3.png", type_=tarfile.SYMTYPE, linkname="/etc/passwd"),
             _member("s4.png", _png(4)),
             _member("s4.json", json.dumps({"caption": "x y", "language": [1]}).encode()),
+            _member(os.fsdecode(b"\xffname.png"), _png(6)),  # a member name that is not UTF-8
+            _member(os.fsdecode(b"\xffname.txt"), b"an odd name"),
         ],
     )
     _tar(
@@ -537,7 +547,13 @@ def test_pipeline_over_a_folder_of_bad_tars(tmp_path):
     assert result["accounting"]["balanced"]
     rows, dead = _read_output(tmp_path / "out")
     texts = sorted((c["text"], c["language"]) for r in rows for c in r["captions"])
-    assert texts == [("a big star", "en"), ("a red square", "en"), ("um circulo", "pt")]
+    assert texts == [
+        ("a big star", "en"),
+        ("a red square", "en"),
+        ("an odd name", "en"),
+        ("um circulo", "pt"),
+    ]
+    assert any(r["source_uri"].endswith("a.tar#\\xffname") for r in rows)
     assert sorted(d["error_kind"] for d in dead) == [
         "bad_sample",
         "bad_tar",
