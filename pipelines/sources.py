@@ -258,19 +258,21 @@ class _LineReader:
     def __init__(self, f: IO[bytes]):
         self.f = f
         self.buf = b""
+        self.pos = 0  # start of the unread part of buf (no copy per line)
         self.eof = False
 
     def readline(self, limit: int) -> bytes:
         while True:
-            end = self.buf.find(b"\n", 0, limit)
-            if end >= 0 or len(self.buf) >= limit or self.eof:
-                cut = end + 1 if end >= 0 else min(limit, len(self.buf))
-                line, self.buf = self.buf[:cut], self.buf[cut:]
+            end = self.buf.find(b"\n", self.pos, self.pos + limit)
+            avail = len(self.buf) - self.pos
+            if end >= 0 or avail >= limit or self.eof:
+                stop = end + 1 if end >= 0 else self.pos + min(limit, avail)
+                line, self.pos = self.buf[self.pos : stop], stop
                 return line
             chunk = self.f.read(self.CHUNK)
             if not chunk:
                 self.eof = True
-            self.buf += chunk
+            self.buf, self.pos = self.buf[self.pos :] + chunk, 0
 
 
 def _bounded_lines(f: _LineReader, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
