@@ -1,5 +1,5 @@
-"""Captioning stage: BLIP's image features are computed once per batch, and the captions are the
-ones `BlipForConditionalGeneration.generate` writes (greedy and seeded sampling, with and
+"""Captioning stage: BLIP's image features (and its decoder's cross-attention keys/values over
+them) are computed once per batch, and the captions are the ones `BlipForConditionalGeneration.generate` writes (greedy and seeded sampling, with and
 without a prompt). Real tiny BLIP, no mocks."""
 
 from __future__ import annotations
@@ -42,13 +42,27 @@ def test_blip_captions_equal_generate_with_one_vision_pass(blip, sampling):
         {"image_id": f"id{i}", "data": _png((70 * i, 30, 200 - 60 * i)), "captions": []}
         for i in range(3)
     ]
-    calls = []
-    hook = model.net.vision_model.register_forward_hook(lambda *a: calls.append(1))
+    calls = {"vision": 0, "cross_keys": 0}
+
+    def count(name):
+        def hook(*_):
+            calls[name] += 1
+
+        return hook
+
+    cross_key = model.net.text_decoder.bert.encoder.layer[0].crossattention.self.key
+    hooks = [
+        model.net.vision_model.register_forward_hook(count("vision")),
+        cross_key.register_forward_hook(count("cross_keys")),
+    ]
     try:
         got = [[c["text"] for c in r["captions"]] for r in handler.run_inference(recs, model)]
     finally:
-        hook.remove()
-    assert len(calls) == 1  # one vision pass for the batch, not one per prompt
+        for hook in hooks:
+            hook.remove()
+    # One vision pass and one cross-attention key projection of the image tokens per batch,
+    # not one per prompt (nor per image when sampling).
+    assert calls == {"vision": 1, "cross_keys": 1}
 
     # Reference: the model's own generate, one call per prompt (per image when sampling).
     images = [decode_rgb(r["data"]) for r in recs]
