@@ -20,7 +20,8 @@ becomes a dead letter with its reference and reason (kinds: `deadletter.PERMANEN
   named `.tar` is a `bad_tar` dead letter, never inflated); member sizes are checked from the
   header before any byte is read (`max_file_bytes`; `.txt`/`.json` members `MAX_ROW_BYTES`);
   sparse, link and device members are refused (`unsafe_member`); members of one key are
-  grouped even when interleaved, within a window of `WDS_GROUP_WINDOW` later keys.
+  grouped even when interleaved, within a window of `WDS_GROUP_WINDOW` later keys (and
+  `WDS_GROUP_BYTES` held); a member later than that is a `split_sample` dead letter.
 - Language codes are normalised once, here, through the translators' language table
   (`en-US`, `pt_BR` -> `en`, `pt`); an unknown code is kept as given and counted.
 - `ReadBytes` refuses non-regular local files from `os.stat` before opening them, bounds every
@@ -31,7 +32,9 @@ All file access goes through `apache_beam.io.filesystems.FileSystems`, so `gs://
 Dataflow. An input record is a dict:
     input_ref, uri, data (bytes or None), split, source_caption, source_caption_error,
     source_language, source_language_given, order (a sort key that fixes which duplicate is
-    kept), stats
+    kept), stats, and read_uri (bytes) for a local file whose name is not UTF-8: it is read by
+    those bytes while `uri` and `input_ref` carry it printable (`\\xNN`), since Beam's coders
+    and Parquet strings need valid UTF-8.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ MAX_ROW_BYTES = 1024 * 1024
 # An interleaved tar (a.png, b.png, a.txt) still groups `a` when its members are at most this
 # many keys apart; a sample is emitted once this many newer keys have started (bounded memory).
 WDS_GROUP_WINDOW = 16
+# ... and while the pending samples hold at most this many bytes (the oldest go out first).
+WDS_GROUP_BYTES = 256 * 1024 * 1024
 # Keys of emitted samples remembered per tar to recognise a late member (`split_sample`); an
 # even later one becomes a sample of its own (accounted for either way).
 MAX_REMEMBERED_KEYS = 100_000
@@ -524,7 +529,10 @@ class ExpandInput(beam.DoFn):
                     yield lineno, {}, "invalid JSON: nested too deeply"
                     continue
                 except ValueError as exc:
-                    yield lineno, {}, f"invalid JSON: {exc}"
+                    hint = ""
+                    if text.lstrip().startswith("[") and lineno <= 2:
+                        hint = " (a JSON array file? manifests are JSON Lines: one object a line)"
+                    yield lineno, {}, f"invalid JSON: {exc}{hint}"
                     continue
                 if not isinstance(row, dict):
                     yield lineno, {}, f"not a JSON object but a {_type_name(row)}"
@@ -597,6 +605,7 @@ class ExpandInput(beam.DoFn):
         mode = tar_mode(tar_path) or "r|"
         pending: OrderedDict[str, dict[str, Any]] = OrderedDict()  # key -> sample being built
         emitted: OrderedDict[str, None] = OrderedDict()  # recent keys already emitted
+        held = [0]  # bytes of the pending samples
         index = 0
 
         def emit(key: str, sample: dict[str, Any]) -> Any:
@@ -613,21 +622,32 @@ class ExpandInput(beam.DoFn):
                     rec,
                     "read",
                     "split_sample",
-                    f"member {info.name!r} came more than {WDS_GROUP_WINDOW} samples after "
-                    "its key's first member; keep a sample's members together",
+                    f"member {info.name!r} came after its sample was emitted (more than "
+                    f"{WDS_GROUP_WINDOW} keys or {WDS_GROUP_BYTES} bytes later); keep a "
+                    "sample's members together",
                 )
                 return
-            sample = pending.setdefault(key, {"members": {}, "problems": [], "names": []})
-            sample["names"].append(posixpath.basename(info.name))
+            sample = pending.setdefault(
+                key, {"members": {}, "problems": [], "names": [], "bytes": 0}
+            )
+            if len(sample["names"]) < 100:  # for messages only; a key may have many members
+                sample["names"].append(posixpath.basename(info.name))
             problem = self._member_problem(info, ext)
             if problem:
-                sample["problems"].append(problem)
+                sample["problems"] = [*sample["problems"], problem][:5]
             elif ext in sample["members"]:
                 sample["problems"].append(("bad_sample", f"duplicate member {info.name!r}"))
+                sample["problems"] = sample["problems"][:5]
             elif ext in WDS_IMAGE_EXTS or ext in WDS_TEXT_EXTS:
                 sample["members"][ext] = read(info)
-            while len(pending) > WDS_GROUP_WINDOW:
+                sample["bytes"] += info.size
+                held[0] += info.size
+            # Emit the oldest samples once the window of keys, or of bytes held, is full.
+            while len(pending) > WDS_GROUP_WINDOW or (
+                held[0] > WDS_GROUP_BYTES and len(pending) > 1
+            ):
                 old_key, old = pending.popitem(last=False)
+                held[0] -= old["bytes"]
                 emitted[old_key] = None
                 if len(emitted) > MAX_REMEMBERED_KEYS:
                     emitted.popitem(last=False)

@@ -668,3 +668,17 @@ def test_missing_inputs_say_so(tmp_path):
     for spec, fmt in ((tmp_path / "nope", "folder"), (tmp_path / "s-{0..2}.tar", "webdataset")):
         recs, dead = _expand(AugmentConfig(input=str(spec), output="o", input_format=fmt))
         assert not recs and [d["error_kind"] for d in dead] == ["missing_file"]
+
+
+def test_interleaving_window_is_bounded_in_bytes(tmp_path, monkeypatch):
+    """Pending samples are emitted once they hold WDS_GROUP_BYTES, even within the key window:
+    a member arriving after that is a split_sample dead letter, never unbounded memory."""
+    big = _png(1, size=64)
+    monkeypatch.setattr(sources, "WDS_GROUP_BYTES", len(big) + 10)
+    members = [_member("a.png", big), _member("b.png", _png(2, size=64)), _member("a.txt", b"x")]
+    _tar(tmp_path / "t.tar", members)
+    recs, dead = _expand(AugmentConfig(input=str(tmp_path / "t.tar"), output="o"))
+    assert [r["input_ref"].split("#")[1] for r in recs] == ["a", "b"]
+    assert [(d["input_ref"].split("#")[1], d["error_kind"]) for d in dead] == [
+        ("a.txt", "split_sample")
+    ]
