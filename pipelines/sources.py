@@ -768,6 +768,7 @@ _TRANSIENT_NAMES = (
     "ServerError",
     "InternalServerError",
     "ServiceUnavailable",
+    "BadGateway",
     "BrokenPipe",
     "Retry",
 )
