@@ -1,12 +1,18 @@
 """Summarise babelcap shards and dead-letter files without loading them into memory.
 
 Reads footers for metadata and row counts, then streams only the columns it needs in
-record batches, so a folder of any size is summarised in bounded memory.
+record batches, so a folder of any size is summarised in bounded memory. Rows are counted per
+split; the run manifest of an augment output (found at or above the path) adds the run's
+caption drops. Every value read from a file is printed escaped (`printable`, `cell`): control
+characters never reach the terminal and a `|` or newline cannot break the Markdown tables.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -16,9 +22,53 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from babelcap.core import schema
-from babelcap.core.shards import find_shards
+from babelcap.core.shards import RUN_MANIFEST, find_shards
 
 _RESERVOIR = 10_000  # caption lengths kept for percentiles
+_MANIFEST_BYTES = 50_000_000  # a run manifest larger than this is not read
+_CAPTIONS_SHOWN = 8  # captions printed per sample row
+# Format characters that are part of text (joiners in Indic and emoji sequences) stay.
+_KEEP_FORMAT = {"\u200c", "\u200d"}
+
+
+def _unsafe(ch: str) -> bool:
+    cat = unicodedata.category(ch)
+    return cat in ("Cc", "Zl", "Zp", "Cs") or (cat == "Cf" and ch not in _KEEP_FORMAT)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(value: Any) -> str:
+    """`value` as text that is safe on a terminal: control, format (bidi overrides), line and
+    paragraph separator characters become visible escapes (`\\x1b`, `\\u202e`)."""
+    text = "" if value is None else str(value)
+    return "".join(_escape(ch) if _unsafe(ch) else ch for ch in text)
+
+
+def cell(value: Any) -> str:
+    """`printable(value)` for a Markdown table cell: backslashes and `|` escaped."""
+    text = "" if value is None else str(value)
+    return printable(text.replace("\\", "\\\\")).replace("|", "\\|")
+
+
+def printable_json(data: Any) -> str:
+    """JSON without raw terminal control characters in it: JSON escapes C0 itself; C1, DEL and
+    format characters (bidi overrides) are written as `\\uXXXX` escapes, which JSON reads back."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
+
+    def esc(ch: str) -> str:
+        code = ord(ch)
+        if code < 0x10000:
+            return f"\\u{code:04x}"
+        code -= 0x10000  # a UTF-16 surrogate pair, as JSON writes characters above the BMP
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+    return "".join(esc(ch) if ch != "\n" and _unsafe(ch) else ch for ch in text)
 
 
 @dataclass
@@ -68,6 +118,7 @@ class Report:
     shard_rows: int = 0
     dead_letter_rows: int = 0
     captions: int = 0
+    by_split: Counter = field(default_factory=Counter)  # rows per split (None: no split)
     by_language: Counter = field(default_factory=Counter)
     by_origin: Counter = field(default_factory=Counter)
     by_language_origin: Counter = field(default_factory=Counter)
@@ -76,9 +127,15 @@ class Report:
     dead_letters: Counter = field(default_factory=Counter)  # (stage, error_kind) -> rows
     samples: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)  # from run manifests
+    caption_drops: Counter = field(default_factory=Counter)  # the runs' dropped captions
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["by_split"] = {
+            ("(none)" if k is None else k): n
+            for k, n in sorted(self.by_split.items(), key=lambda kv: str(kv[0]))
+        }
         out["by_language"] = dict(sorted(self.by_language.items()))
         out["by_origin"] = dict(sorted(self.by_origin.items()))
         out["by_language_origin"] = {
@@ -89,14 +146,20 @@ class Report:
             {"stage": stage, "error_kind": kind, "rows": n}
             for (stage, kind), n in sorted(self.dead_letters.items())
         ]
+        out["caption_drops"] = dict(sorted(self.caption_drops.items()))
         return out
 
 
-def _scan_shard(path: str, report: Report, n_samples: int, batch_size: int) -> None:
-    pf = pq.ParquetFile(path)
-    columns = ["image_id", "source_uri", "captions", "embedding"]
+def _open(found: Any, path: str) -> Any:
+    return found.fs.open_input_file(path) if found.filesystem is not None else path
+
+
+def _scan_shard(source: Any, report: Report, n_samples: int, batch_size: int) -> None:
+    pf = pq.ParquetFile(source)
+    columns = ["image_id", "source_uri", "split", "captions", "embedding"]
     for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
         report.shard_rows += batch.num_rows
+        report.by_split.update(batch.column("split").to_pylist())
         report.with_embedding += batch.num_rows - batch.column("embedding").null_count
         caps = pc.list_flatten(batch.column("captions"))
         if len(caps):
@@ -113,6 +176,7 @@ def _scan_shard(path: str, report: Report, n_samples: int, batch_size: int) -> N
                     {
                         "image_id": row["image_id"],
                         "source_uri": row["source_uri"],
+                        "split": row["split"],
                         "captions": [
                             {k: c[k] for k in ("language", "origin", "text", "score")}
                             for c in row["captions"]
@@ -121,8 +185,8 @@ def _scan_shard(path: str, report: Report, n_samples: int, batch_size: int) -> N
                 )
 
 
-def _scan_dead_letter(path: str, report: Report, batch_size: int) -> None:
-    pf = pq.ParquetFile(path)
+def _scan_dead_letter(source: Any, report: Report, batch_size: int) -> None:
+    pf = pq.ParquetFile(source)
     for batch in pf.iter_batches(batch_size=batch_size, columns=["stage", "error_kind"]):
         report.dead_letter_rows += batch.num_rows
         report.dead_letters.update(
@@ -134,8 +198,55 @@ def _scan_dead_letter(path: str, report: Report, batch_size: int) -> None:
         )
 
 
+def _manifests(path_or_glob: str, files: tuple[str, ...]) -> list[str]:
+    """Run manifests of the augment outputs the files belong to: the first folder at or above
+    each file (up to the path asked about, at most three levels up) that holds one."""
+    if "://" in path_or_glob and not path_or_glob.startswith("file://"):
+        return []
+    found: list[str] = []
+    for file in files:
+        folder = os.path.dirname(os.path.abspath(file))
+        for _ in range(4):
+            candidate = os.path.join(folder, RUN_MANIFEST)
+            if os.path.isfile(candidate):
+                if candidate not in found:
+                    found.append(candidate)
+                break
+            folder = os.path.dirname(folder)
+    return found
+
+
+def _read_manifest(path: str, report: Report) -> None:
+    if os.path.getsize(path) > _MANIFEST_BYTES:
+        report.runs.append({"manifest": path, "error": "too large to read"})
+        return
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(_MANIFEST_BYTES))
+    except ValueError as exc:
+        report.runs.append({"manifest": path, "error": f"not JSON: {exc}"})
+        return
+    if not isinstance(data, dict):
+        report.runs.append({"manifest": path, "error": "not a JSON object"})
+        return
+    drops = data.get("caption_drops")
+    if isinstance(drops, dict):
+        report.caption_drops.update(
+            {str(k): int(v) for k, v in drops.items() if isinstance(v, int) and v > 0}
+        )
+    report.runs.append(
+        {
+            "manifest": path,
+            "run_id": data.get("run_id"),
+            "finished_at": data.get("finished_at"),
+            "accounting": data.get("accounting"),
+        }
+    )
+
+
 def inspect_paths(path_or_glob: str, n_samples: int = 3, batch_size: int = 4096) -> dict[str, Any]:
-    """Summarise every babelcap Parquet file under `path_or_glob` (shards and dead letters)."""
+    """Summarise every babelcap Parquet file under `path_or_glob` (shards and dead letters)
+    and the run manifests of the outputs they belong to."""
     report = Report()
     found = find_shards(path_or_glob, kind=None)
     for path, info in zip(found.files, found.infos, strict=True):
@@ -152,27 +263,35 @@ def inspect_paths(path_or_glob: str, n_samples: int = 3, batch_size: int = 4096)
             report.metadata.setdefault("schema_version", info.schema_version)
             report.metadata.setdefault("config", info.config)
             report.metadata.setdefault("models", info.models)
-            _scan_shard(path, report, n_samples, batch_size)
+            _scan_shard(_open(found, path), report, n_samples, batch_size)
         else:
-            _scan_dead_letter(path, report, batch_size)
+            _scan_dead_letter(_open(found, path), report, batch_size)
+    for manifest in _manifests(str(path_or_glob), found.files):
+        _read_manifest(manifest, report)
     return report.to_dict()
 
 
 def format_report(data: dict[str, Any]) -> str:
-    """Render an `inspect_paths` result as plain text with Markdown tables."""
+    """Render an `inspect_paths` result as plain text with Markdown tables; every value read
+    from a file goes through `cell` (tables) or `printable` (text)."""
     kinds = Counter(f["kind"] for f in data["files"])
     lines = [
         f"files: {len(data['files'])} ({kinds.get('shard', 0)} shards, "
         f"{kinds.get('dead_letter', 0)} dead-letter)",
         f"rows: {data['shard_rows']} images, {data['captions']} captions, "
         f"{data['with_embedding']} with embeddings; dead-lettered: {data['dead_letter_rows']}",
+    ]
+    if data["by_split"]:
+        lines += ["", "| split | rows |", "|---|---:|"]
+        lines += [f"| {cell(split)} | {n} |" for split, n in data["by_split"].items()]
+    lines += [
         "",
         "| language | " + " | ".join(schema.ORIGINS) + " | total |",
         "|---|" + "---|" * (len(schema.ORIGINS) + 1),
     ]
     for lang, total in data["by_language"].items():
         cells = [str(data["by_language_origin"].get(f"{lang}/{o}", 0)) for o in schema.ORIGINS]
-        lines.append(f"| {lang} | " + " | ".join(cells) + f" | {total} |")
+        lines.append(f"| {cell(lang)} | " + " | ".join(cells) + f" | {total} |")
     stats = data["caption_chars"]
     if stats.get("count"):
         lines += [
@@ -183,18 +302,50 @@ def format_report(data: dict[str, Any]) -> str:
     if data["dead_letters"]:
         lines += ["", "| dead-letter stage | reason | rows |", "|---|---|---|"]
         lines += [
-            f"| {d['stage']} | {d['error_kind']} | {d['rows']} |" for d in data["dead_letters"]
+            f"| {cell(d['stage'])} | {cell(d['error_kind'])} | {d['rows']} |"
+            for d in data["dead_letters"]
         ]
+    if data["runs"]:
+        drops = data["caption_drops"]
+        lines += [
+            "",
+            f"captions dropped by the run{'s' if len(data['runs']) > 1 else ''}: "
+            + (f"{sum(drops.values())}" if drops else "none"),
+        ]
+        if drops:
+            lines += ["", "| dropped caption (stage.reason) | captions |", "|---|---:|"]
+            lines += [f"| {cell(k)} | {n} |" for k, n in drops.items()]
+        for run in data["runs"]:
+            if run.get("error"):
+                lines.append(
+                    f"run manifest {printable(run['manifest'])}: {printable(run['error'])}"
+                )
     if data["samples"]:
-        lines += ["", "samples:"]
+        shown = len(data["samples"])
+        lines += ["", f"samples: showing {shown} of {data['shard_rows']} rows"]
         for s in data["samples"]:
-            lines.append(f"- {s['image_id'][:12]} {s['source_uri'] or ''}")
-            for c in s["captions"][:8]:
+            caps = s["captions"]
+            lines.append(
+                f"- {printable(str(s['image_id'])[:12])} {printable(s['source_uri'] or '')}"
+                + (f" (split {printable(s['split'])})" if s.get("split") else "")
+                + (
+                    f" — showing {min(len(caps), _CAPTIONS_SHOWN)} of {len(caps)} captions"
+                    if len(caps) > _CAPTIONS_SHOWN
+                    else ""
+                )
+            )
+            for c in caps[:_CAPTIONS_SHOWN]:
                 score = "" if c["score"] is None else f" (score {c['score']:.3f})"
-                lines.append(f"    [{c['language']}/{c['origin']}] {c['text']}{score}")
+                lines.append(
+                    f"    [{printable(c['language'])}/{printable(c['origin'])}] "
+                    f"{printable(c['text'])}{score}"
+                )
     meta = data["metadata"]
     if meta:
-        lines += ["", f"schema version: {meta.get('schema_version')}"]
+        lines += ["", f"schema version: {printable(meta.get('schema_version'))}"]
         if meta.get("models"):
-            lines.append("models: " + ", ".join(f"{k}={v}" for k, v in meta["models"].items()))
+            lines.append(
+                "models: "
+                + ", ".join(f"{printable(k)}={printable(v)}" for k, v in meta["models"].items())
+            )
     return "\n".join(lines)
