@@ -136,6 +136,18 @@ def _local(path: str) -> str:
     return path[len("file://") :] if path.startswith("file://") else path
 
 
+def _not_regular(path: str) -> str | None:
+    """Why a local path may not be opened for reading (a FIFO would block forever), or None
+    (remote paths, regular files, and missing ones: opening those fails by itself)."""
+    if not _is_local(path):
+        return None
+    try:
+        mode = os.stat(_local(path)).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else _file_type(mode)
+
+
 def _resolve_path(base_dir: str, path: str, allow_outside: bool) -> str | None:
     """A manifest path -> the path to read, or None when a relative path climbs out of the
     manifest's folder (and that is not allowed). URIs and absolute paths are untouched."""
@@ -429,6 +441,11 @@ class ExpandInput(beam.DoFn):
 
     # --- manifest -----------------------------------------------------------------------
     def _manifest(self, path: str) -> Iterator[Any]:
+        why = _not_regular(path)
+        if why:
+            rec = _record(path, (path, 0))
+            yield reject(rec, "read", "not_a_regular_file", f"{path}: {why}")
+            return
         lower = path.lower()
         if lower.endswith(".parquet"):
             rows = self._parquet_rows(path)
@@ -602,6 +619,11 @@ class ExpandInput(beam.DoFn):
             yield from self._tar_samples(tar_path)
 
     def _tar_samples(self, tar_path: str) -> Iterator[Any]:
+        why = _not_regular(tar_path)
+        if why:
+            rec = _record(tar_path, (tar_path, 0))
+            yield reject(rec, "read", "not_a_regular_file", f"{tar_path}: {why}")
+            return
         mode = tar_mode(tar_path) or "r|"
         pending: OrderedDict[str, dict[str, Any]] = OrderedDict()  # key -> sample being built
         emitted: OrderedDict[str, None] = OrderedDict()  # recent keys already emitted

@@ -682,3 +682,21 @@ def test_interleaving_window_is_bounded_in_bytes(tmp_path, monkeypatch):
     assert [(d["input_ref"].split("#")[1], d["error_kind"]) for d in dead] == [
         ("a.txt", "split_sample")
     ]
+
+
+def test_a_fifo_as_manifest_or_tar_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "m.jsonl")
+    (tmp_path / "shards").mkdir()
+    os.mkfifo(tmp_path / "shards" / "s.tar")
+    results: dict[str, list] = {}
+
+    def expand_all() -> None:
+        results["m"] = _expand(AugmentConfig(input=str(tmp_path / "m.jsonl"), output="o"))[1]
+        cfg = AugmentConfig(input=str(tmp_path / "shards"), output="o", input_format="webdataset")
+        results["t"] = _expand(cfg)[1]
+
+    t = threading.Thread(target=expand_all, daemon=True)
+    t.start()
+    t.join(timeout=60)  # opening a FIFO for reading would block here forever
+    assert not t.is_alive(), "the reader blocked on a FIFO"
+    assert [d["error_kind"] for d in results["m"] + results["t"]] == ["not_a_regular_file"] * 2
