@@ -781,7 +781,19 @@ class ExpandInput(beam.DoFn):
 
 
 # --- reading bytes ------------------------------------------------------------------------
-_PERMANENT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM}
+# OSErrors that the path itself causes; any other OSError (EIO, ECONNRESET, ETIMEDOUT, ESTALE
+# on NFS...) may pass and is retried.
+_PERMANENT_ERRNOS = {
+    errno.ENOENT,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+    errno.EINVAL,
+    errno.ENXIO,
+}
 _TRANSIENT_NAMES = (
     "Timeout",
     "Unavailable",

@@ -700,3 +700,16 @@ def test_a_fifo_as_manifest_or_tar_is_refused_without_blocking(tmp_path):
     t.join(timeout=60)  # opening a FIFO for reading would block here forever
     assert not t.is_alive(), "the reader blocked on a FIFO"
     assert [d["error_kind"] for d in results["m"] + results["t"]] == ["not_a_regular_file"] * 2
+
+
+def test_permanent_local_errors_are_not_retried(tmp_path):
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")  # ELOOP
+    long_name = str(tmp_path / ("x" * 300 + ".png"))  # ENAMETOOLONG
+    for uri in (str(tmp_path / "loop.png"), long_name):
+        _, dead = _read(_rec(uri), retries=3, backoff_s=0)
+        assert dead["error_kind"] == "unreadable" and "attempts" not in dead["message"]
+    (tmp_path / "locked.png").write_bytes(_png(1))
+    (tmp_path / "locked.png").chmod(0)
+    if not os.access(tmp_path / "locked.png", os.R_OK):  # (root reads it anyway)
+        _, dead = _read(_rec(str(tmp_path / "locked.png")), retries=3, backoff_s=0)
+        assert dead["error_kind"] == "permission_denied"
