@@ -257,7 +257,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     out = Path(cfg.out).resolve()
     world, augment_dir = out / "world", out / "augment"
-    shards = augment_dir / "shards"
+    shards = augment_dir  # the output folder: readers take its committed units
     run_dir, report = out / "runs" / f"capivara-{cfg.train_language}", out / "report"
     report.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}

@@ -4,8 +4,11 @@ Each element carries a small `stats` dict; stages bump it (and a Beam Metrics co
 same name, for live progress on any runner). At the sink all `stats` are summed into one
 dict (`MergeStats`), which is runner-independent and exact, unlike attempted metrics.
 
-The invariant checked before anything is published:
+The invariant checked before any unit is committed (and over the whole dataset in the
+manifest):
     inputs == rows written + dead-lettered + duplicates dropped
+where "duplicates dropped" holds both copies of an image inside the input (`duplicate_image`)
+and images already in a committed unit of the dataset (`already_present`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ INPUTS = "read.inputs"
 ROWS = "sink.rows"
 DEAD_ROWS = "sink.dead_letter"
 DUPLICATES = "dedup.duplicate_images"
+PRESENT = "dedup.already_present"
+# Dead-letter kinds that are not failures: the image is in the output once already.
+NOT_FAILURES = ("duplicate_image", "already_present")
 
 
 class AccountingError(RuntimeError):
@@ -69,8 +75,8 @@ class MergeStats(beam.CombineFn):
 def balance(stats: Mapping[str, int], rows: int, dead_letter_rows: int, duplicates: int) -> dict:
     """The accounting for the run manifest; raise AccountingError when it does not hold.
 
-    `rows`, `dead_letter_rows` and `duplicates` come from the written files (the truth);
-    `stats[INPUTS]` from the counting of inputs at the source.
+    `rows`, `dead_letter_rows` and `duplicates` (dead letters of a NOT_FAILURES kind) come from
+    the written files (the truth); `stats[INPUTS]` from the counting of inputs at the source.
     """
     inputs = int(stats.get(INPUTS, 0))
     dead = dead_letter_rows - duplicates
@@ -87,6 +93,20 @@ def balance(stats: Mapping[str, int], rows: int, dead_letter_rows: int, duplicat
             f"duplicates={duplicates} = {rows + dead + duplicates}"
         )
     return books
+
+
+def duplicates_in(dead_counts: Mapping[str, int]) -> int:
+    """How many of the dead letters counted by "stage/kind" are not failures."""
+    return sum(v for k, v in dead_counts.items() if k.rsplit("/", 1)[-1] in NOT_FAILURES)
+
+
+def merge_books(books: Iterable[Mapping[str, Any]]) -> dict:
+    """The books of several units, summed (balanced when every one is)."""
+    keys = ("inputs", "rows_written", "dead_lettered", "duplicates_dropped")
+    books = list(books)
+    out: dict[str, Any] = {k: sum(int(b.get(k, 0)) for b in books) for k in keys}
+    out["balanced"] = all(b.get("balanced") for b in books)
+    return out
 
 
 def caption_drops(stats: Mapping[str, int]) -> dict[str, int]:

@@ -5,7 +5,10 @@
     -> caption (captioning, RunInference) -> English filters (filters)
     -> CLIP scores / embeddings (clipscore, RunInference) -> CAPIVARA selection (filters)
     -> translate (translation, RunInference) -> translation filters (filters)
-    -> shards + dead letters + stats (sinks)
+    -> per work unit: data files + dead letters + stats (sinks)
+
+Only the inputs of the wave's units (`unit_of`) go past the reader; images already committed
+(`present`) are dropped as `already_present` right after the duplicate filter.
 
 Every stage's rejects are flattened into the one dead-letter output.
 """
@@ -28,6 +31,7 @@ from babelcap.pipelines.options import AugmentConfig
 from babelcap.pipelines.sinks import WriteOutputs
 from babelcap.pipelines.sources import ReadInputs
 from babelcap.pipelines.translation import Translate
+from babelcap.pipelines.units import DropPresent, KeepUnits
 
 
 class RequireCaptions(beam.DoFn):
@@ -59,12 +63,23 @@ def build(
     staging: str,
     models: Mapping[str, Any],
     languages: tuple[str, ...],
+    unit_of: Mapping[str, int],
+    present: frozenset[str] = frozenset(),
 ) -> None:
-    """Add the augmentation to `pipeline`, writing into the `staging` folder."""
+    """Add the augmentation of the work units in `unit_of` (input_ref -> unit) to `pipeline`,
+    writing into the `staging` folder; images in `present` (committed already) are skipped."""
     records, read_dead = pipeline | "Read" >> ReadInputs(config)
+    records = records | "WaveInputs" >> KeepUnits(unit_of)
+    read_dead = read_dead | "WaveDead" >> KeepUnits(unit_of)
     decoded = records | "Decode" >> beam.ParDo(DecodeImages(config)).with_outputs(DEAD, main="ok")
     records, duplicates = decoded.ok | "DedupImages" >> DropDuplicateImages()
     dead = [read_dead, decoded[DEAD], duplicates]
+    if present:
+        fresh = records | "DropPresent" >> beam.ParDo(DropPresent(present)).with_outputs(
+            DEAD, main="ok"
+        )
+        records = fresh.ok
+        dead.append(fresh[DEAD])
     if config.decontaminate is not None:
         checked = records | "Decontaminate" >> beam.ParDo(
             DropEvalImages(
@@ -102,5 +117,5 @@ def build(
     dead.append(checked[DEAD])
     all_dead = tuple(dead) | "AllDeadLetters" >> beam.Flatten()
     _ = (checked.ok, all_dead) | "Write" >> WriteOutputs(
-        staging, config.to_dict(), models, config.num_shards, config.rows_per_shard
+        staging, config.to_dict(), models, config.num_shards, config.rows_per_shard, unit_of
     )

@@ -18,7 +18,7 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,15 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
     WorkerOptions,
 )
+from tqdm import tqdm
 
 from babelcap.core import schema
 from babelcap.core.devices import THREADS_ENV
-from babelcap.core.shards import DEAD_LETTER_DIR
-from babelcap.pipelines import accounting, publish
+from babelcap.core.shards import DATA_DIR, STAGING_DIR, committed_units
+from babelcap.pipelines import accounting, card, publish, units
 from babelcap.pipelines.builder import build
 from babelcap.pipelines.options import AugmentConfig
+from babelcap.pipelines.sinks import unit_folder
 
 log = logging.getLogger(__name__)
 
@@ -161,76 +163,348 @@ def _metrics(result: Any) -> dict[str, Any]:
 
 
 def published_run(config: AugmentConfig) -> dict[str, Any] | None:
-    """The manifest of a run of exactly this configuration already published at its output
+    """The manifest of a run of exactly this configuration already complete at its output
     (so it need not run again), else None."""
     try:
         manifest = publish.read_manifest(config.output)
     except FileNotFoundError:
         return None
     same = manifest.get("config") == json.loads(json.dumps(config.to_dict()))
-    return manifest if same else None
+    return manifest if same and manifest.get("complete", True) else None
+
+
+class ConfigMismatchError(ValueError):
+    """The output holds rows made with another configuration."""
+
+
+def _fs(output: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    if "://" in output:
+        return pafs.FileSystem.from_uri(output)
+    return pafs.LocalFileSystem(), output
+
+
+def _read_parquet(path: str, columns: list[str]) -> Any:
+    import io
+
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return pq.read_table(io.BytesIO(f.read()), columns=columns)
+
+
+def _unit_contents(folder: str, files: list[dict[str, Any]]) -> tuple[set[str], dict, dict]:
+    """(image ids, rows per split, captions per "language/origin") of a unit's data files."""
+    import pyarrow.compute as pc
+
+    ids: set[str] = set()
+    splits: dict[str, int] = {}
+    captions: dict[str, int] = {}
+    for f in files:
+        if f["kind"] != "shard":
+            continue
+        table = _read_parquet(FileSystems.join(folder, f["name"]), ["image_id", "captions"])
+        ids.update(table["image_id"].to_pylist())
+        splits[f["split"]] = splits.get(f["split"], 0) + table.num_rows
+        caps = pc.list_flatten(table["captions"])
+        if len(caps):
+            keys = pc.binary_join_element_wise(
+                pc.struct_field(caps, "language"), pc.struct_field(caps, "origin"), "/"
+            )
+            for item in pc.value_counts(keys).to_pylist():
+                captions[item["values"]] = captions.get(item["values"], 0) + item["counts"]
+    return ids, splits, captions
+
+
+def _sum(dicts: list[Mapping[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+def _merge_metrics(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = {"sum": out[k]["sum"] + v["sum"], "count": out[k]["count"] + v["count"]}
+        else:
+            out[k] = out[k] + v
+    return dict(sorted(out.items()))
+
+
+def build_manifest(
+    config: AugmentConfig,
+    records: list[dict[str, Any]],
+    complete: bool,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The dataset manifest: the run's facts (`extra`) and everything merged over the committed
+    units' records."""
+    records = sorted(records, key=lambda r: r["unit"])
+    stats = _sum([r["stats"] for r in records])
+    captions = _sum([r.get("captions", {}) for r in records])
+    per_language: dict[str, int] = {}
+    for key, n in captions.items():
+        lang = key.split("/", 1)[0]
+        per_language[lang] = per_language.get(lang, 0) + n
+    return {
+        **extra,
+        "schema_version": schema.SCHEMA_VERSION,
+        "config": config.to_dict(),
+        "complete": complete,
+        "accounting": accounting.merge_books(r["accounting"] for r in records),
+        "dead_letters": _sum([r["dead_letters"] for r in records]),
+        "caption_drops": accounting.caption_drops(stats),
+        "stats": stats,
+        "splits": _sum([r.get("splits", {}) for r in records]),
+        "captions": captions,
+        "captions_per_language": dict(sorted(per_language.items())),
+        "units": [
+            {
+                "unit": r["unit"],
+                "run_id": r["run_id"],
+                "inputs": r["accounting"]["inputs"],
+                "rows": r["accounting"]["rows_written"],
+                "dead_lettered": r["accounting"]["dead_lettered"],
+            }
+            for r in records
+        ],
+        "files": [f for r in records for f in r["files"]],
+    }
 
 
 def run(
     config: AugmentConfig, beam_args: Sequence[str] = (), workers: int = 2, echo: bool = True
 ) -> dict[str, Any]:
-    """Run the augmentation; returns the run manifest (also written to OUTPUT)."""
+    """Compute the output's uncommitted work units (all of them on a first run), committing
+    each wave's units as it ends; returns the dataset manifest (also written to OUTPUT)."""
     languages = check_config(config)
     models = model_ids(config)
-    output = config.output.rstrip("/")
+    output = publish.check_output(config.output, config.input)
     if "://" not in output:
-        output = str(Path(output).resolve())
         Path(output).mkdir(parents=True, exist_ok=True)
-    publish.clean_stale_staging(output)
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S") + (
         "-" + uuid.uuid4().hex[:8]
     )
-    staging = FileSystems.join(output, publish.STAGING_DIR, run_id)
+    with publish.OutputLock(output, run_id):
+        publish.clean_stale_staging(output, keep=run_id)
+        try:
+            return _run_locked(config, output, run_id, languages, models, beam_args, workers, echo)
+        finally:
+            staging_root = FileSystems.join(output, STAGING_DIR, run_id)
+            if FileSystems.exists(staging_root):  # a failed run's staging stays for a look
+                log.info("staging of this run left at %s", staging_root)
+
+
+def _run_locked(
+    config: AugmentConfig,
+    output: str,
+    run_id: str,
+    languages: tuple[str, ...],
+    models: dict[str, Any],
+    beam_args: Sequence[str],
+    workers: int,
+    echo: bool,
+) -> dict[str, Any]:
+    fs, root = _fs(output)
+    old_records = committed_units(root, fs)
+    try:
+        old_config = publish.read_manifest(output)["config"]
+    except FileNotFoundError:
+        old_config = old_records[0].get("config") if old_records else None
+    replace = False
+    if old_config is not None:
+        diffs = units.config_differences(old_config, config.to_dict())
+        if diffs and not config.overwrite:
+            raise ConfigMismatchError(
+                f"{output} was made with another configuration ({', '.join(diffs)} differ): "
+                "its rows and this run's would not match. Write to a new output, or pass "
+                "--overwrite to replace it (swapped in only when the new run succeeds)"
+            )
+        replace = bool(diffs)
+
+    inputs = units.list_inputs(config)
+    if not inputs:
+        raise publish.PublishGuardError(
+            f"no inputs found at {config.input}: nothing committed (the output is left as it is)"
+        )
+    old_plan = None if replace else units.read_plan(output)
+    plan = units.extend_plan(old_plan, inputs, config.unit_size)
+    plan_written = plan == old_plan
+    committed = {} if replace else {r["unit"]: r for r in old_records}
+    current = set(inputs)
+    needed = [u for u in range(len(plan.units)) if current & set(plan.units[u])]
+    pending = [u for u in needed if u not in committed]
+    present: set[str] = set()
+    for record in committed.values():
+        for f in record["files"]:
+            if f["kind"] == "shard":
+                present.update(
+                    _read_parquet(FileSystems.join(output, f["path"]), ["image_id"])[
+                        "image_id"
+                    ].to_pylist()
+                )
+
+    staging = FileSystems.join(output, STAGING_DIR, run_id)
     options = pipeline_options(beam_args, workers)
     runner = options.view_as(StandardOptions).runner
-    log.info("augment run %s: runner %s, staging %s", run_id, runner, staging)
-
+    log.info(
+        "augment run %s: %d of %d units to compute, runner %s, staging %s",
+        run_id,
+        len(pending),
+        len(plan.units),
+        runner,
+        staging,
+    )
     start = time.perf_counter()
-    pipeline = beam.Pipeline(options=options)
-    build(pipeline, config, staging, models, languages)
-    with worker_environment(options):
-        result = pipeline.run()
-        result.wait_until_finish()
+    metrics: dict[str, Any] = {}
+    this_run: list[dict[str, Any]] = []
+    deferred: list[tuple[str, str, dict[str, Any]]] = []
+    progress = tqdm(
+        total=len(pending), unit="unit", desc="augment", disable=not echo or not pending
+    )
+    try:
+        for wave in units.waves(pending, config.units_per_wave):
+            wave_start = time.perf_counter()
+            unit_of = {ref: u for ref, u in plan.unit_of(wave).items() if ref in current}
+            pipeline = beam.Pipeline(options=options)
+            build(pipeline, config, staging, models, languages, unit_of, frozenset(present))
+            with worker_environment(options):
+                result = pipeline.run()
+                result.wait_until_finish()
+            metrics = _merge_metrics(metrics, _metrics(result))
+            wave_seconds = time.perf_counter() - wave_start
+            wave_records = []
+            for u in wave:
+                folder = unit_folder(staging, u)
+                staged = publish.read_staged_unit(folder)
+                dead_files = [
+                    FileSystems.join(folder, f["name"])
+                    for f in staged["files"]
+                    if f["kind"] == "dead_letter"
+                ]
+                dead_counts = publish.count_dead_letters(dead_files)
+                rows = sum(f["rows"] for f in staged["files"] if f["kind"] == "shard")
+                books = accounting.balance(
+                    staged["stats"],
+                    rows,
+                    sum(dead_counts.values()),
+                    accounting.duplicates_in(dead_counts),
+                )
+                ids, splits, captions = _unit_contents(
+                    FileSystems.join(folder, DATA_DIR), staged["files"]
+                )
+                present |= ids
+                wave_records.append(
+                    {
+                        "unit": u,
+                        "run_id": run_id,
+                        "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                        "seconds": round(wave_seconds / len(wave), 3),
+                        "config": config.to_dict(),
+                        "accounting": books,
+                        "dead_letters": dead_counts,
+                        "splits": splits,
+                        "captions": captions,
+                        "stats": staged["stats"],
+                        "files": staged["files"],
+                    }
+                )
+            _guard(config, this_run + wave_records)
+            for record in wave_records:
+                name = units.unit_name(record["unit"])
+                folder = unit_folder(staging, record["unit"])
+                if replace:
+                    deferred.append((folder, name, record))
+                    continue
+                if not plan_written:  # first commit of this run: the plan it follows first
+                    units.write_plan(output, plan)
+                    plan_written = True
+                publish.commit_unit(output, folder, name, record)
+            this_run += wave_records
+            progress.update(len(wave))
+            if not replace:
+                _write_outputs(output, config, root, fs, needed, extra=None)
+    finally:
+        progress.close()
     seconds = time.perf_counter() - start
-
-    staged = publish.read_staged(staging)
-    stats = staged["stats"]
-    publish.ensure_dead_letter_file(staging, config.to_dict())
-    dead_dir = FileSystems.join(staging, DEAD_LETTER_DIR)
-    dead_counts = publish.count_dead_letters(publish._ls(dead_dir, ".parquet"))
-    shard_files = [f for f in staged["files"] if f"/{DEAD_LETTER_DIR}/" not in f["path"]]
-    rows = sum(f["rows"] for f in shard_files)
-    duplicates = sum(v for k, v in dead_counts.items() if k.endswith("/duplicate_image"))
-    books = accounting.balance(stats, rows, sum(dead_counts.values()), duplicates)
-
-    manifest = {
+    if replace:  # the whole new run passed: now, and only now, the old units go
+        for record in old_records:
+            name = units.unit_name(record["unit"])
+            publish.remove_unit_files(output, name, record)
+            FileSystems.delete([publish.unit_record_path(output, name)])
+        for folder, name, record in deferred:
+            publish.commit_unit(output, folder, name, record)
+        units.write_plan(output, plan)
+    if FileSystems.exists(staging):
+        FileSystems.delete([publish._as_dir(staging)])
+    if "://" not in output:
+        with contextlib.suppress(OSError):  # only when no other run's staging is left
+            os.rmdir(os.path.join(output, STAGING_DIR))
+    extra = {
         "run_id": run_id,
-        "schema_version": schema.SCHEMA_VERSION,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "seconds": round(seconds, 2),
         "runner": str(runner),
         "workers": workers,
-        "config": config.to_dict(),
         "languages": list(languages),
         "models": models,
         "versions": _versions(),
-        "accounting": books,
-        "dead_letters": dead_counts,
-        "caption_drops": accounting.caption_drops(stats),
-        "stats": stats,
-        "metrics": _metrics(result),
-        "shards": [
-            {"path": FileSystems.split(f["path"])[1], "rows": f["rows"], "bytes": f["bytes"]}
-            for f in sorted(shard_files, key=lambda f: f["path"])
-        ],
+        "metrics": metrics,
+        "this_run": {
+            "units": len(this_run),
+            "accounting": accounting.merge_books(r["accounting"] for r in this_run),
+        },
     }
-    publish.publish(staging, output, manifest)
+    manifest = _write_outputs(output, config, root, fs, needed, extra=extra)
     if echo:
-        print(accounting.format_summary(stats, books))
-        print(f"wrote {rows} rows in {len(shard_files)} shards to {output} in {seconds:.1f}s")
+        books = manifest["accounting"]
+        print(accounting.format_summary(manifest["stats"], books))
+        print(
+            f"{len(this_run)} units computed ({len(plan.units)} in the dataset); "
+            f"{books['rows_written']} rows in {output} in {seconds:.1f}s"
+        )
+    return manifest
+
+
+def _guard(config: AugmentConfig, records: list[dict[str, Any]]) -> None:
+    """Fail before committing when the run so far is empty or mostly dead letters."""
+    books = accounting.merge_books(r["accounting"] for r in records)
+    if books["inputs"] == 0:
+        raise publish.PublishGuardError("the run read zero inputs: nothing committed")
+    share = books["dead_lettered"] / books["inputs"]
+    if share > config.max_dead_letter_share:
+        raise publish.PublishGuardError(
+            f"{books['dead_lettered']} of {books['inputs']} inputs dead-lettered ({share:.0%} > "
+            f"max_dead_letter_share {config.max_dead_letter_share:.0%}; rows "
+            f"{books['rows_written']}): nothing of this wave committed, the output is left as "
+            "it was. See the dead letters under _staging/, or raise --max-dead-letter-share"
+        )
+
+
+def _write_outputs(
+    output: str,
+    config: AugmentConfig,
+    root: str,
+    fs: Any,
+    needed: list[int],
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    records = committed_units(root, fs)
+    if extra is None:  # mid-run: keep the last run's facts, refresh the merged figures
+        try:
+            previous = publish.read_manifest(output)
+        except FileNotFoundError:
+            previous = {}
+        keys = ("run_id", "finished_at", "seconds", "runner", "workers", "languages", "models")
+        extra = {k: previous[k] for k in keys if k in previous}
+    done = {r["unit"] for r in records}
+    complete = all(u in done for u in needed)
+    manifest = build_manifest(config, records, complete, extra)
+    publish.write_manifest(output, manifest, card.render(manifest))
     return manifest

@@ -1,13 +1,18 @@
-"""Sinks: Parquet shards, dead-letter shards and the run's stats, written into a staging folder.
+"""Sinks: each unit's data files, dead letters and stats, written into a staging folder.
 
-Shards are deterministic: a row goes to shard `int(image_id[:8], 16) % num_shards` and rows are
-sorted by `image_id` inside a shard, so the same input and seed give byte-identical files
-whatever the runner's bundling. (Beam's `WriteToParquet` assigns rows to shards by bundle,
-which is why the writing itself is a small DoFn over pyarrow here; the schema, metadata and
-zstd compression are the contract's: `schema.shard_schema` / `schema.dead_letter_schema`.)
+For every work unit of the wave the sink writes (through Beam's FileSystems, so gs:// works)
 
-`num_shards` is fixed by the configuration, or derived from the row count and
-`rows_per_shard` through a side input. Files go through Beam's FileSystems (gs:// works).
+    STAGING/unit-NNNNN/data/SPLIT-IIIII-of-NNNNN.parquet   the unit's rows of one split
+    STAGING/unit-NNNNN/dead_letter.parquet                 its dead letters (when it has any)
+    STAGING/unit-NNNNN/unit.json                           its files and merged stats, last
+
+Files are deterministic: a unit's rows of one split are sorted by `image_id` and cut into
+`num_shards` (or ceil(rows / rows_per_shard)) consecutive files, so the same input and seed
+give byte-identical files whatever the runner's bundling. (Beam's `WriteToParquet` assigns
+rows to shards by bundle, which is why the writing is a small DoFn over pyarrow here; the
+schema, metadata and zstd compression are the contract's.) Rows without a split go to the
+`train` files (their `split` column stays empty). `publish.commit_unit` moves a finished unit
+into the output.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -22,18 +29,27 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from babelcap.core import schema
-from babelcap.core.shards import DEAD_LETTER_DIR, SHARDS_DIR, write_shard
-from babelcap.pipelines.accounting import DEAD_ROWS, ROWS, MergeStats, bump
+from babelcap.core.shards import DATA_DIR, write_shard
+from babelcap.pipelines.accounting import DEAD_ROWS, ROWS, bump
 
-STATS_FILE = "stats.json"
-
-
-def shard_name(index: int, total: int) -> str:
-    return f"part-{index:05d}-of-{total:05d}.parquet"
+UNIT_RECORD = "unit.json"
+DEAD_LETTER_FILE = "dead_letter.parquet"
+DEFAULT_SPLIT = "train"
 
 
-def shard_index(key: str, num_shards: int) -> int:
-    return int(key[:8], 16) % num_shards if key else 0
+def shard_name(split: str, index: int, total: int) -> str:
+    return f"{split}-{index:05d}-of-{total:05d}.parquet"
+
+
+def split_name(split: str | None) -> str:
+    """The file-name split of a row: its split, made a Hugging Face split name (\\w+)."""
+    return re.sub(r"\W", "_", split) if split else DEFAULT_SPLIT
+
+
+def unit_folder(staging: str, unit: int) -> str:
+    from babelcap.pipelines.units import unit_name
+
+    return FileSystems.join(staging, unit_name(unit))
 
 
 def to_row(rec: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,78 +77,82 @@ def write_parquet(path: str, rows: list[dict[str, Any]], arrow_schema) -> int:
     return len(data)
 
 
-class _WriteGroup(beam.DoFn):
-    def __init__(self, folder: str, arrow_schema, sort_key: str, fixed_total: int | None):
-        self.folder = folder
+class _WriteUnitSplit(beam.DoFn):
+    """((unit, split), rows) -> that unit's data files of the split; yields (unit, file)."""
+
+    def __init__(self, staging: str, arrow_schema, num_shards: int | None, rows_per_shard: int):
+        self.staging = staging
         self.arrow_schema = arrow_schema
-        self.sort_key = sort_key
-        self.fixed_total = fixed_total
-
-    def process(self, item: tuple[int, Iterable[dict]], total: int | None = None) -> Iterator[Any]:
-        index, rows = item
-        total = self.fixed_total or total
-        keys = self.sort_key.split(",")
-        rows = sorted(rows, key=lambda r: tuple(str(r.get(k) or "") for k in keys))
-        path = FileSystems.join(self.folder, shard_name(index, total))
-        size = write_parquet(path, rows, self.arrow_schema)
-        yield {"path": path, "rows": len(rows), "bytes": size}
-
-
-class WriteShards(beam.PTransform):
-    """rows -> Parquet files under `folder`; outputs one {path, rows, bytes} per file."""
-
-    def __init__(
-        self,
-        folder: str,
-        arrow_schema,
-        key: str,
-        sort_key: str,
-        num_shards: int | None,
-        rows_per_shard: int,
-    ):
-        super().__init__()
-        self.folder = folder
-        self.arrow_schema = arrow_schema
-        self.key = key
-        self.sort_key = sort_key
         self.num_shards = num_shards
         self.rows_per_shard = max(1, rows_per_shard)
 
-    def expand(self, rows):
-        key, fixed = self.key, self.num_shards
-        if fixed:
-            keyed = rows | "Key" >> beam.Map(lambda r: (shard_index(r.get(key) or "", fixed), r))
-            total = None
-        else:
-            per = self.rows_per_shard
-            count = rows | "Count" >> beam.combiners.Count.Globally()
-            total = beam.pvalue.AsSingleton(
-                count | "NumShards" >> beam.Map(lambda n: max(1, math.ceil(n / per)))
+    def process(self, item: tuple[tuple[int, str], Iterable[dict]]) -> Iterator[Any]:
+        (unit, split), rows = item
+        rows = sorted(rows, key=lambda r: r["image_id"])
+        total = min(len(rows), self.num_shards or math.ceil(len(rows) / self.rows_per_shard))
+        total = max(1, total)
+        folder = FileSystems.join(unit_folder(self.staging, unit), DATA_DIR)
+        for i in range(total):
+            part = rows[i * len(rows) // total : (i + 1) * len(rows) // total]
+            name = shard_name(split, i, total)
+            size = write_parquet(FileSystems.join(folder, name), part, self.arrow_schema)
+            yield (
+                unit,
+                {"name": name, "split": split, "kind": "shard", "rows": len(part), "bytes": size},
             )
-            keyed = rows | "Key" >> beam.Map(
-                lambda r, n: (shard_index(r.get(key) or "", n), r), n=total
-            )
-        grouped = keyed | "Group" >> beam.GroupByKey()
-        writer = _WriteGroup(self.folder, self.arrow_schema, self.sort_key, fixed)
-        if total is None:
-            return grouped | "Write" >> beam.ParDo(writer)
-        return grouped | "Write" >> beam.ParDo(writer, total=total)
 
 
-def _row_and_stats(rec: dict[str, Any]) -> dict[str, Any]:
+class _WriteUnitDead(beam.DoFn):
+    def __init__(self, staging: str, arrow_schema):
+        self.staging = staging
+        self.arrow_schema = arrow_schema
+
+    def process(self, item: tuple[int, Iterable[dict]]) -> Iterator[Any]:
+        unit, rows = item
+        rows = sorted(rows, key=lambda r: (r["input_ref"], r["stage"], r["error_kind"]))
+        path = FileSystems.join(unit_folder(self.staging, unit), DEAD_LETTER_FILE)
+        size = write_parquet(path, rows, self.arrow_schema)
+        yield (
+            unit,
+            {"name": DEAD_LETTER_FILE, "kind": "dead_letter", "rows": len(rows), "bytes": size},
+        )
+
+
+def _row_and_stats(rec: dict[str, Any], unit_of: Mapping[str, int]) -> dict[str, Any]:
     rec = dict(rec)
     bump(rec, ROWS)
-    return {"row": to_row(rec), "stats": rec["stats"]}
+    row = to_row(rec)
+    return {"unit": unit_of[rec["input_ref"]], "row": row, "stats": rec["stats"]}
 
 
-def _dead_with_count(item: dict[str, Any]) -> dict[str, Any]:
+def _dead_with_count(item: dict[str, Any], unit_of: Mapping[str, int]) -> dict[str, Any]:
     item = dict(item)
     bump(item, DEAD_ROWS)
+    item["unit"] = unit_of[item["row"]["input_ref"]]
     return item
 
 
+def _write_unit_record(item: tuple[int, dict[str, list]], staging: str) -> str:
+    # Written after the unit's files (it waits on them): its presence marks a finished unit.
+    unit, parts = item
+    total: Counter = Counter()
+    for stats in parts["stats"]:
+        total.update(stats)
+    stats = dict(sorted(total.items()))
+    payload = {
+        "unit": unit,
+        "stats": stats,
+        "files": sorted(parts["files"], key=lambda f: f["name"]),
+    }
+    path = FileSystems.join(unit_folder(staging, unit), UNIT_RECORD)
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(payload, indent=1, sort_keys=True).encode())
+    return path
+
+
 class WriteOutputs(beam.PTransform):
-    """(records, dead letters) -> shards, dead-letter shards and stats.json in `staging`."""
+    """(records, dead letters) -> per unit: data files, dead letters and unit.json in
+    `staging`. `unit_of` maps every input reference of the wave to its unit."""
 
     def __init__(
         self,
@@ -141,6 +161,7 @@ class WriteOutputs(beam.PTransform):
         models: Mapping[str, Any],
         num_shards: int | None,
         rows_per_shard: int,
+        unit_of: Mapping[str, int],
     ):
         super().__init__()
         self.staging = staging
@@ -148,58 +169,42 @@ class WriteOutputs(beam.PTransform):
         self.models = dict(models)
         self.num_shards = num_shards
         self.rows_per_shard = rows_per_shard
+        self.unit_of = dict(unit_of)
 
     def expand(self, inputs):
         records, dead = inputs
-        rows = records | "ToRow" >> beam.Map(_row_and_stats)
-        dead = dead | "CountDead" >> beam.Map(_dead_with_count)
-        shard_files = (
+        unit_of = self.unit_of
+        rows = records | "ToRow" >> beam.Map(_row_and_stats, unit_of)
+        dead = dead | "CountDead" >> beam.Map(_dead_with_count, unit_of)
+        data_files = (
             rows
-            | "Rows" >> beam.Map(lambda x: x["row"])
-            | "WriteShards"
-            >> WriteShards(
-                FileSystems.join(self.staging, SHARDS_DIR),
-                schema.shard_schema(self.config, self.models),
-                key="image_id",
-                sort_key="image_id",
-                num_shards=self.num_shards,
-                rows_per_shard=self.rows_per_shard,
+            | "KeyRows"
+            >> beam.Map(lambda x: ((x["unit"], split_name(x["row"]["split"])), x["row"]))
+            | "GroupRows" >> beam.GroupByKey()
+            | "WriteRows"
+            >> beam.ParDo(
+                _WriteUnitSplit(
+                    self.staging,
+                    schema.shard_schema(self.config, self.models),
+                    self.num_shards,
+                    self.rows_per_shard,
+                )
             )
         )
         dead_files = (
             dead
-            | "DeadRows" >> beam.Map(lambda x: x["row"])
+            | "KeyDead" >> beam.Map(lambda x: (x["unit"], x["row"]))
+            | "GroupDead" >> beam.GroupByKey()
             | "WriteDead"
-            >> WriteShards(
-                FileSystems.join(self.staging, DEAD_LETTER_DIR),
-                schema.dead_letter_schema(self.config),
-                key="_shard",
-                sort_key="input_ref,stage,error_kind",
-                num_shards=1,
-                rows_per_shard=100_000,
-            )
+            >> beam.ParDo(_WriteUnitDead(self.staging, schema.dead_letter_schema(self.config)))
         )
         stats = (
-            (
-                rows | "RowStats" >> beam.Map(lambda x: x["stats"]),
-                dead | "DeadStats" >> beam.Map(lambda x: x["stats"]),
-            )
-            | "AllStats" >> beam.Flatten()
-            | "MergeStats" >> beam.CombineGlobally(MergeStats())
+            rows | "RowStats" >> beam.Map(lambda x: (x["unit"], x["stats"])),
+            dead | "DeadStats" >> beam.Map(lambda x: (x["unit"], x["stats"])),
+        ) | "AllStats" >> beam.Flatten()
+        files = (data_files, dead_files) | "AllFiles" >> beam.Flatten()
+        return (
+            {"stats": stats, "files": files}
+            | "PerUnit" >> beam.CoGroupByKey()
+            | "WriteUnit" >> beam.Map(_write_unit_record, self.staging)
         )
-        files = (
-            (shard_files, dead_files)
-            | "AllFiles" >> beam.Flatten()
-            | "FileList" >> beam.combiners.ToList()
-        )
-        return stats | "WriteStats" >> beam.Map(
-            _write_stats, FileSystems.join(self.staging, STATS_FILE), beam.pvalue.AsSingleton(files)
-        )
-
-
-def _write_stats(stats: dict[str, int], path: str, files: list[dict]) -> str:
-    # Written after every shard (it waits on the file list): its presence marks a finished run.
-    payload = {"stats": stats, "files": sorted(files, key=lambda f: f["path"])}
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(payload, indent=1, sort_keys=True).encode())
-    return path

@@ -374,43 +374,55 @@ def test_unknown_target_language_fails_before_any_work(tmp_path):
 
 
 # --- sinks ----------------------------------------------------------------------------------
-def test_shards_are_deterministic_and_valid(tmp_path):
-    from babelcap.pipelines.sinks import WriteShards
+def test_unit_files_are_deterministic_and_valid(tmp_path):
+    """Each unit's rows of one split: sorted by image_id, cut into ceil(rows / rows_per_shard)
+    files, byte-identical whatever the input order; unit.json lists them with the stats."""
+    from babelcap.pipelines.sinks import WriteOutputs
 
-    rows = [
+    recs = [
         {
+            "input_ref": f"in#{i}",
             "image_id": schema.image_id_for(str(i).encode()),
+            "split": "test" if i % 5 == 0 else None,
             "captions": [_cap(f"caption {i} here", "source")],
+            "stats": {"read.inputs": 1},
         }
         for i in range(0, 4000, 97)
     ]
+    unit_of = {r["input_ref"]: (0 if i < 30 else 1) for i, r in enumerate(recs)}
 
     def write(folder):
         with _pipeline() as p:
-            _ = (
-                p
-                | beam.Create(list(reversed(rows)) if folder.name == "b" else rows)
-                | WriteShards(
-                    str(folder),
-                    schema.shard_schema({"seed": 0}),
-                    "image_id",
-                    "image_id",
-                    num_shards=None,
-                    rows_per_shard=16,
-                )
+            records = p | "R" >> beam.Create(list(reversed(recs)) if folder.name == "b" else recs)
+            dead = p | "D" >> beam.Create([])
+            _ = (records, dead) | WriteOutputs(
+                str(folder), {"seed": 0}, {}, num_shards=None, rows_per_shard=8, unit_of=unit_of
             )
 
     write(tmp_path / "a")
     write(tmp_path / "b")
-    files_a = sorted((tmp_path / "a").glob("*.parquet"))
-    assert [f.name for f in files_a] == [f.name for f in sorted((tmp_path / "b").glob("*"))]
-    assert len(files_a) == 3  # ceil(42 / 16)
+    files_a = sorted((tmp_path / "a").glob("unit-*/data/*.parquet"))
+    names = [f.relative_to(tmp_path / "a").as_posix() for f in files_a]
+    assert names == [
+        f.relative_to(tmp_path / "b").as_posix()
+        for f in sorted((tmp_path / "b").glob("unit-*/data/*.parquet"))
+    ]
+    # unit 0: 30 inputs, 6 of them test -> train 24 rows in 3 files, test 6 in 1
+    assert [n for n in names if n.startswith("unit-00000")] == [
+        "unit-00000/data/test-00000-of-00001.parquet",
+        "unit-00000/data/train-00000-of-00003.parquet",
+        "unit-00000/data/train-00001-of-00003.parquet",
+        "unit-00000/data/train-00002-of-00003.parquet",
+    ]
     for fa in files_a:
-        assert fa.read_bytes() == (tmp_path / "b" / fa.name).read_bytes()
+        assert fa.read_bytes() == (tmp_path / "b" / fa.relative_to(tmp_path / "a")).read_bytes()
         info = schema.validate(str(fa))
         ids = pq.read_table(fa)["image_id"].to_pylist()
         assert ids == sorted(ids) and info.config == {"seed": 0}
-    assert sum(schema.validate(str(f)).num_rows for f in files_a) == len(rows)
+    assert sum(schema.validate(str(f)).num_rows for f in files_a) == len(recs)
+    record = json.loads((tmp_path / "a" / "unit-00001" / "unit.json").read_text())
+    assert record["stats"]["read.inputs"] == len(recs) - 30
+    assert sum(f["rows"] for f in record["files"]) == len(recs) - 30
 
 
 # --- CLI --------------------------------------------------------------------------------------

@@ -21,10 +21,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from babelcap.core import schema
+from babelcap.core.shards import find_shards
 from babelcap.pipelines.options import (
     AugmentConfig,
     CaptionerConfig,
@@ -32,7 +34,7 @@ from babelcap.pipelines.options import (
     TextFilterConfig,
     TranslationStageConfig,
 )
-from babelcap.pipelines.publish import MANIFEST, read_manifest
+from babelcap.pipelines.publish import read_manifest
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import pipeline_testkit as kit
@@ -96,6 +98,7 @@ def job(world_dir, models, tmp_path_factory) -> dict:
         text=TextFilterConfig(language_check=not tiny),
         rows_per_shard=8,
         seed=0,
+        unit_size=10,  # several work units, one wave: committed one by one
     )
     from babelcap.pipelines.runner import run
 
@@ -110,12 +113,18 @@ def job(world_dir, models, tmp_path_factory) -> dict:
     }
 
 
+def _read(out: Path, kind: str) -> pa.Table:
+    # Through the one reader rule: only committed units' files.
+    files = find_shards(out, kind=kind).files
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+
+
 def _rows(out: Path) -> list[dict]:
-    return pq.read_table(out / "shards").sort_by("image_id").to_pylist()
+    return _read(out, schema.KIND_SHARD).sort_by("image_id").to_pylist()
 
 
 def _dead(out: Path) -> list[dict]:
-    return pq.read_table(out / "dead_letter").to_pylist()
+    return _read(out, schema.KIND_DEAD_LETTER).to_pylist()
 
 
 def test_every_input_is_accounted_for_on_disk(job):
@@ -174,28 +183,29 @@ def test_models_load_once_per_worker(job):
 
 def test_shards_validate_and_read_back(job):
     out = job["out"]
-    files = sorted((out / "shards").glob("*.parquet"))
-    assert len(files) >= 2  # rows_per_shard=8
+    files = sorted(out.glob("data/*/*.parquet"))
+    assert len(files) >= 3  # units of 10 inputs
+    assert sorted(map(str, files)) == sorted(find_shards(out).files)
     total = 0
     for f in files:
         info = schema.validate(str(f))
         assert info.config["seed"] == 0 and info.models["captioner"]
         total += info.num_rows
     assert total == job["manifest"]["accounting"]["rows_written"]
-    for f in (out / "dead_letter").glob("*.parquet"):
+    for f in out.glob("dead_letter/*.parquet"):
         schema.validate(str(f), kind=schema.KIND_DEAD_LETTER)
     import duckdb
 
     con = duckdb.connect()
     n, n_caps = con.execute(
-        f"SELECT count(*), sum(len(captions)) FROM read_parquet('{out}/shards/*.parquet')"
+        f"SELECT count(*), sum(len(captions)) FROM read_parquet('{out}/data/**/*.parquet')"
     ).fetchone()
     assert n == total and n_caps > total
     langs = {
         r[0]
         for r in con.execute(
             f"SELECT DISTINCT c.language FROM (SELECT unnest(captions) AS c "
-            f"FROM read_parquet('{out}/shards/*.parquet'))"
+            f"FROM read_parquet('{out}/data/**/*.parquet'))"
         ).fetchall()
     }
     assert {"en", *job["config"].languages} <= langs
@@ -279,44 +289,44 @@ def test_world_captions_are_translated_into_every_language(job):
 
 
 def test_crash_then_rerun_gives_the_same_rows(job, monkeypatch, tmp_path):
-    """A run killed while writing leaves the published output alone (no manifest change);
-    re-running into the same output gives exactly the rows of the clean run."""
+    """A unit whose commit was cut short (data moved, record missing) is not read; a run that
+    crashes while writing commits nothing and leaves the committed units alone; re-running
+    computes only the missing unit and gives exactly the rows of the clean run."""
     from babelcap.pipelines import sinks
     from babelcap.pipelines.runner import run
 
     out = job["out"]
     before = _rows(out)
+    records = sorted((out / "_units").glob("unit-*.json"))
+    assert len(records) >= 3
+    lost = json.loads(records[1].read_text())
+    records[1].unlink()  # killed between moving unit 1's files in and writing its record
+    partial = _rows(out)
+    assert len(partial) == len(before) - lost["accounting"]["rows_written"]
+    kept = {p.name: p.read_bytes() for p in records if p != records[1]}
+
     config = job["config"]
     real = sinks.write_parquet
-    calls = {"n": 0}
 
     def crashing(path, rows, arrow_schema):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated crash while writing shards")
-        return real(path, rows, arrow_schema)
+        raise RuntimeError("simulated crash while writing shards")
 
     monkeypatch.setattr(sinks, "write_parquet", crashing)
     with pytest.raises(Exception, match="simulated crash"):
         run(config, workers=1, echo=False)  # in-process runner: the patch applies
-    assert (out / "_staging").exists()  # the crashed run's partial files stay in staging
-    assert _rows(out) == before and (out / MANIFEST).exists()  # published output untouched
+    assert _rows(out) == partial  # nothing committed, nothing of the committed units touched
+    assert {p.name: p.read_bytes() for p in records if p != records[1]} == kept
+    assert not (out / "_lock").exists()
     monkeypatch.setattr(sinks, "write_parquet", real)
-
-    # A crash in the middle of publishing: old shards already deleted, manifest gone.
-    for f in (out / "shards").glob("*.parquet"):
-        f.unlink()
-        break
-    (out / MANIFEST).unlink()
-    with pytest.raises(FileNotFoundError):
-        read_manifest(str(out))
 
     manifest = run(config.model_copy(), workers=1, echo=False)
     after = _rows(out)
     strip = [{k: v for k, v in r.items() if k != "embedding"} for r in before]
     assert [{k: v for k, v in r.items() if k != "embedding"} for r in after] == strip
     assert len({r["image_id"] for r in after}) == len(after)
+    assert manifest["this_run"]["units"] == 1 and manifest["complete"]
     assert manifest["accounting"] == job["manifest"]["accounting"]
+    assert {p.name: p.read_bytes() for p in records if p != records[1]} == kept
     assert not (out / "_staging").exists()
 
 

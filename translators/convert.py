@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -119,7 +121,6 @@ def convert_model(
     "target": [...]}); by default Marian's tokenizer pair, and for multilingual models their
     language tokens. Returns `out_dir`.
     """
-    import ctranslate2
     from transformers import AutoConfig
 
     model = str(model_name_or_path)
@@ -128,8 +129,17 @@ def convert_model(
         raise ValueError(
             f"unknown quantization {quantization!r}; one of {', '.join(QUANTIZATIONS)}"
         )
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (pass force=True / --force)")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} exists and is not empty (pass force=True / --force)")
+        if not (out / METADATA).is_file():
+            # --force replaces an earlier conversion, never a folder of the user's.
+            raise FileExistsError(
+                f"{out} is not empty and is not a converted translator (no {METADATA}): "
+                "refusing to replace it, even with --force"
+            )
     hf_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     tok_cfg_path = Path(model) / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
@@ -144,7 +154,33 @@ def convert_model(
         load_as_float16=False,
         trust_remote_code=trust_remote_code,
     )
-    converter.convert(str(out), quantization=quantization, force=True)
+    # CTranslate2's force=True deletes its target folder: convert into a fresh folder next to
+    # `out`, then swap it in, so nothing but an earlier conversion is ever removed.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        converter.convert(str(work / "model"), quantization=quantization, force=True)
+        return _finish(
+            work, out, model, hf_config, tokenizer_class, converter, languages, quantization
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _finish(
+    work: Path,
+    out: Path,
+    model: str,
+    hf_config: Any,
+    tokenizer_class: str,
+    converter: Any,
+    languages: Sequence[str] | dict[str, Sequence[str]] | None,
+    quantization: str | None,
+) -> Path:
+    """Write the metadata into the converted folder and swap it in for `out`."""
+    import ctranslate2
+
+    new = work / "model"
     tok = converter.tokenizer
     family = _family(hf_config.model_type, tokenizer_class or type(tok).__name__)
 
@@ -170,10 +206,13 @@ def convert_model(
             getattr(hf_config, "max_position_embeddings", 0) or DEFAULT_MAX_INPUT_LENGTH
         ),
         "quantization": quantization,
-        "model_id": _sha256(out / "model.bin"),
+        "model_id": _sha256(new / "model.bin"),
         "ctranslate2_version": ctranslate2.__version__,
         "transformers_version": transformers.__version__,
     }
-    (out / METADATA).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    (new / METADATA).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    if out.exists():  # empty, or an earlier conversion (checked above)
+        out.rename(work / "old")
+    new.rename(out)
     log.info("converted %s (%s) into %s", model, family, out)
     return out

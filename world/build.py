@@ -56,6 +56,9 @@ TEST_WORLD: dict[str, Any] = {"n_images": 400, "seed": 7, "image_size": 64}
 # world.json keys that identify a build: same values -> same bytes.
 _IDENTITY = ("version", "seed", "n_images", "image_size", "alt_text_noise", "languages", "counts")
 _OUTPUTS = ("world.json", "manifest.jsonl", "scenes.jsonl", "images", "gold")
+# Written first by every build: a folder with world files but neither this nor world.json is
+# the user's, and `build_world` refuses to replace its images/ or gold/.
+WORLD_MARKER = ".babelcap-world"
 
 
 def image_rng(seed: int, index: int) -> random.Random:
@@ -147,6 +150,14 @@ def build_world(
     counts = split_counts(n_images, splits)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ours = (out / WORLD_MARKER).exists() or (out / "world.json").exists()
+    theirs = [name for name in _OUTPUTS if (out / name).exists()]
+    if theirs and not ours:
+        raise FileExistsError(
+            f"{out} holds {', '.join(theirs)} but is not a babelcap world (no world.json or "
+            f"{WORLD_MARKER}): refusing to replace them; choose an empty or new folder"
+        )
+    (out / WORLD_MARKER).write_text("babelcap world build\n", encoding="utf-8")
     for name in _OUTPUTS:  # never mix files of two builds (models/ is left alone)
         path = out / name
         if path.is_dir():

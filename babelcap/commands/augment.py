@@ -53,6 +53,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("num_shards", group=IO),
     Flag("rows_per_shard", group=IO),
     Flag("seed", group=IO),
+    Flag("unit_size", group=IO),
+    Flag("units_per_wave", group=IO),
+    Flag("max_dead_letter_share", group=IO),
+    Flag("overwrite", group=IO),
     Flag("captioner.model", "--captioner", group=CAPTIONING),
     Flag("captioner.model_class", "--captioner-class", group=CAPTIONING),
     Flag("captioner.num_captions", "--num-captions", group=CAPTIONING),
@@ -196,8 +200,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from babelcap.pipelines.publish import OutputLockedError, PublishGuardError
     from babelcap.pipelines.runner import run
 
     beam_args = [a for a in args.beam_args if a != "--"]
-    run(config_from_args(args), beam_args=beam_args, workers=args.workers)
+    try:
+        run(config_from_args(args), beam_args=beam_args, workers=args.workers)
+    except (OutputLockedError, PublishGuardError) as exc:  # one clear line, no traceback
+        raise ValueError(str(exc)) from exc
     return 0

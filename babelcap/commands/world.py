@@ -49,15 +49,18 @@ def _build(args: argparse.Namespace) -> int:
     from babelcap.world.grammar import LANGUAGES
 
     start = time.perf_counter()
-    meta = build_world(
-        args.out,
-        n_images=args.images,
-        seed=args.seed,
-        languages=parse_list(args.languages) or LANGUAGES,
-        image_size=args.size,
-        workers=args.workers,
-        alt_text_noise=args.alt_text_noise,
-    )
+    try:
+        meta = build_world(
+            args.out,
+            n_images=args.images,
+            seed=args.seed,
+            languages=parse_list(args.languages) or LANGUAGES,
+            image_size=args.size,
+            workers=args.workers,
+            alt_text_noise=args.alt_text_noise,
+        )
+    except FileExistsError as exc:  # the CLI reports ValueErrors as one clear line
+        raise ValueError(str(exc)) from exc
     counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
     print(
         f"world: {meta['n_images']} images ({counts}) of {meta['image_size']}px, "

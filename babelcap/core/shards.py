@@ -1,13 +1,30 @@
 """Finding and writing shard files: one rule for every reader, one writer for every producer.
 
+An augment output (`babelcap augment --output OUTPUT`) is laid out so that the tools users
+already have read it as it is:
+
+    OUTPUT/README.md                    dataset card (Hugging Face YAML header + the run's figures)
+    OUTPUT/run_manifest.json            config, committed units, merged accounting and stats
+    OUTPUT/data/unit-NNNNN/SPLIT-IIIII-of-NNNNN.parquet   the rows; nothing else under data/
+    OUTPUT/dead_letter/unit-NNNNN.parquet                 the dead letters, outside data/
+    OUTPUT/_units/unit-NNNNN.json       a unit's commit record (its files, counts, stats)
+    OUTPUT/_staging/RUN_ID/             work in progress; OUTPUT/_lock: the run holding OUTPUT
+
+A unit is committed when its record in `_units/` exists (written last, after its data folder
+was renamed into place in one step). Data globs (`OUTPUT/data/**/*.parquet`, or
+`OUTPUT/data/*/train-*.parquet` for one split) never reach dead letters or bookkeeping; names
+starting with `_` or `.` are not data for pyarrow.dataset, Spark or Hive.
+
 The rule for what a path means (trainer, evaluator, `inspect`, `export-wds`, the demo and the
 benchmarks all go through `find_shards`):
 
 - a file is itself; a glob is its matches; a folder is every `*.parquet` below it;
 - inside folders and globs, names starting with `_` or `.` are not data (the Hive / Spark /
   pyarrow.dataset convention): an output's `_staging/` of a crashed run is never read;
-- an augment output (a folder with `shards/`) counts only when its `run_manifest.json`, the
-  commit marker written last, is there; otherwise `IncompleteOutputError`;
+- inside an augment output only the files of committed units count (a unit being committed
+  right now, or left half-renamed by a killed run, is not read); an output with no committed
+  unit and no `run_manifest.json` is `IncompleteOutputError`. (An output of the earlier layout,
+  `shards/` without `_units/`, counts when its `run_manifest.json` is there.)
 - dead-letter files are skipped when looking for shards in folders and globs (asking for
   `kind="dead_letter"` gives them instead); naming one file of the wrong kind is an error;
 - every file found is checked against the contract (`schema.validate`).
@@ -18,6 +35,7 @@ benchmarks all go through `find_shards`):
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,10 +47,16 @@ import pyarrow.parquet as pq
 
 from babelcap.core import schema
 
-SHARDS_DIR = "shards"
+DATA_DIR = "data"
 DEAD_LETTER_DIR = "dead_letter"
 RUN_MANIFEST = "run_manifest.json"
+DATASET_CARD = "README.md"
+UNITS_DIR = "_units"
+STAGING_DIR = "_staging"
+LOCK_FILE = "_lock"
+LEGACY_SHARDS_DIR = "shards"  # the layout before units (read, never written)
 ROW_GROUP_SIZE = 256
+MAX_RECORD_BYTES = 64 * 1024 * 1024  # a unit record or manifest larger than this is refused
 
 
 class IncompleteOutputError(FileNotFoundError):
@@ -58,20 +82,105 @@ def _hidden(path: str, root: str) -> bool:
     return any(part.startswith(("_", ".")) for part in rel.replace("\\", "/").split("/"))
 
 
-def _check_complete(folder: str) -> None:
-    """Refuse an augment output (or its shards/ folder) that has no run manifest."""
-    candidates = [folder]
-    if os.path.basename(os.path.normpath(folder)) in (SHARDS_DIR, DEAD_LETTER_DIR):
-        candidates.append(os.path.dirname(os.path.normpath(folder)))
-    for root in candidates:
-        is_output = os.path.isdir(os.path.join(root, SHARDS_DIR)) or os.path.isdir(
-            os.path.join(root, "_staging")
+def _exists(fs: Any, path: str, kind: Any = None) -> bool:
+    info = fs.get_file_info(path)
+    return info.type != pafs.FileType.NotFound and (kind is None or info.type == kind)
+
+
+def read_json(fs: Any, path: str, limit: int = MAX_RECORD_BYTES) -> Any:
+    """A JSON file of an output (unit record, manifest), bounded in size."""
+    with fs.open_input_stream(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes, refused")
+    return json.loads(data)
+
+
+def is_output(root: str, fs: Any = None) -> bool:
+    """Is `root` an augment output (or one being written)?"""
+    fs = fs or pafs.LocalFileSystem()
+    if _exists(fs, f"{root}/{RUN_MANIFEST}", pafs.FileType.File):
+        return True
+    return any(_exists(fs, f"{root}/{name}") for name in (UNITS_DIR, STAGING_DIR, LOCK_FILE))
+
+
+def committed_units(root: str, fs: Any = None) -> list[dict[str, Any]]:
+    """The commit records (`_units/unit-*.json`) of an output, by unit number."""
+    fs = fs or pafs.LocalFileSystem()
+    folder = f"{root}/{UNITS_DIR}"
+    if not _exists(fs, folder, pafs.FileType.Directory):
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(folder))
+    paths = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and os.path.basename(i.path).startswith("unit-")
+        and i.path.endswith(".json")
+    )
+    return [read_json(fs, p) for p in paths]
+
+
+def committed_files(root: str, fs: Any = None) -> set[str]:
+    """Paths (under `root`) of every data and dead-letter file of the committed units."""
+    return {
+        f"{root}/{f['path']}" for unit in committed_units(root, fs) for f in unit.get("files", [])
+    }
+
+
+def _output_root(path: str, fs: Any, cache: dict[str, str | None]) -> str | None:
+    """The augment output a path lies in (up to three folders up), or None."""
+    folder = os.path.dirname(path.rstrip("/"))
+    for _ in range(4):
+        if folder in cache:
+            return cache[folder]
+        if folder and is_output(folder, fs):
+            cache[folder] = folder
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return None
+
+
+def _committed_set(root: str, fs: Any) -> set[str] | None:
+    """The committed files of an output; None for the earlier layout (all its files)."""
+    units = committed_units(root, fs)
+    if units:
+        return {f"{root}/{f['path']}" for u in units for f in u.get("files", [])}
+    if _exists(fs, f"{root}/{UNITS_DIR}", pafs.FileType.Directory) or not _exists(
+        fs, f"{root}/{RUN_MANIFEST}", pafs.FileType.File
+    ):
+        raise IncompleteOutputError(
+            f"{root} has no committed unit and no {RUN_MANIFEST}: the augment run that "
+            "writes it did not finish (run it again to complete the output)"
         )
-        if is_output and not os.path.exists(os.path.join(root, RUN_MANIFEST)):
-            raise IncompleteOutputError(
-                f"{root} has no {RUN_MANIFEST}: the augment run that writes it did not finish "
-                "(run it again to complete the output)"
-            )
+    return None
+
+
+def _only_committed(files: list[str], fs: Any) -> list[str]:
+    """Keep files outside outputs, and inside outputs only those of committed units."""
+    roots: dict[str, str | None] = {}
+    committed: dict[str, set[str] | None] = {}
+    kept = []
+    for path in files:
+        root = _output_root(path, fs, roots)
+        if root is not None and root not in committed:
+            committed[root] = _committed_set(root, fs)
+        allowed = committed.get(root) if root is not None else None
+        if allowed is None or path in allowed:
+            kept.append(path)
+    return kept
+
+
+def _check_complete(folder: str) -> None:
+    """Refuse an augment output (or a folder inside one) that nothing was committed to."""
+    fs = pafs.LocalFileSystem()
+    folder = folder.rstrip("/") or "/"
+    root = folder if is_output(folder, fs) else _output_root(os.path.join(folder, "x"), fs, {})
+    if root is not None:
+        _committed_set(root, fs)
 
 
 def expand(spec: str) -> tuple[list[str], Any, bool]:
@@ -86,6 +195,9 @@ def expand(spec: str) -> tuple[list[str], Any, bool]:
                 for f in fs.get_file_info(sel)
                 if f.path.endswith(".parquet") and not _hidden(f.path, root)
             ]
+            if is_output(root.rstrip("/"), fs):
+                allowed = _committed_set(root.rstrip("/"), fs)
+                files = [f for f in files if allowed is None or f in allowed]
             return sorted(files), fs, False
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"no such file, folder or glob match: {spec!r}")
@@ -94,13 +206,12 @@ def expand(spec: str) -> tuple[list[str], Any, bool]:
     if os.path.isdir(spec):
         _check_complete(spec)
         found = glob.glob(os.path.join(spec, "**", "*.parquet"), recursive=True)
-        return sorted(f for f in found if os.path.isfile(f) and not _hidden(f, spec)), None, False
+        files = [f for f in found if os.path.isfile(f) and not _hidden(f, spec)]
+        return sorted(_only_committed(files, pafs.LocalFileSystem())), None, False
     if any(c in spec for c in "*?["):
         found = glob.glob(spec, recursive=True)
         files = [f for f in found if os.path.isfile(f) and not _hidden(f, "")]
-        for folder in sorted({os.path.dirname(f) for f in files}):
-            _check_complete(folder)
-        return sorted(files), None, False
+        return sorted(_only_committed(files, pafs.LocalFileSystem())), None, False
     if not os.path.exists(spec):
         raise FileNotFoundError(f"no such file, folder or glob match: {spec!r}")
     return [spec], None, True
