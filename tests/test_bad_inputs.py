@@ -30,6 +30,7 @@ from typing import ClassVar
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from apache_beam.io.filesystem import FileSystem
 from PIL import Image
 
@@ -560,6 +561,65 @@ def test_pipeline_over_a_folder_of_bad_tars(tmp_path):
         "unsafe_member",
         "unsafe_member",
     ]
+    assert _tree_digest(tmp_path, tmp_path / "out") == before
+
+
+def _bom_csv_gz(folder: Path) -> tuple[Path, list[str], list[str]]:
+    """A spreadsheet's CSV (byte-order mark), gzipped, with a field over csv's default limit
+    (the caption is read, then dropped as too long: with no captioner that image has no caption
+    left) and one over the bounded limit (that row a dead letter, the next row read)."""
+    for i in range(3):
+        (folder / f"c{i}.png").write_bytes(_png(20 + i))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["image_path", "caption", "lang"])
+    w.writerow(["c0.png", "a green star", "en-US"])
+    w.writerow(["c1.png", "y" * 200_000, "en"])
+    w.writerow(["c2.png", "z\n" * (sources.MAX_ROW_BYTES // 2 + 10), "en"])
+    w.writerow(["c2.png", "um triangulo amarelo", "pt_BR"])
+    path = folder / "m.csv.gz"
+    path.write_bytes(gzip.compress(buf.getvalue().encode("utf-8-sig")))
+    return path, ["en", "pt"], ["bad_manifest_row", "no_captions"]
+
+
+def _hf_parquet(folder: Path) -> tuple[Path, list[str], list[str]]:
+    """A Hugging Face-style manifest: the `image` column is a struct of bytes and path."""
+    (folder / "img").mkdir()
+    (folder / "img" / "on_disk.png").write_bytes(_png(31))
+    table = pa.table(
+        {
+            "image": [
+                {"bytes": _png(30), "path": "embedded.png"},
+                {"bytes": None, "path": "img/on_disk.png"},
+                {"bytes": b"not an image", "path": "junk.png"},
+            ],
+            "text": ["a yellow drop", "a big circle", "junk"],
+            "lang": ["en-US", "en", "en"],
+        }
+    )
+    path = folder / "hf.parquet"
+    pq.write_table(table, path)
+    return path, ["en", "en"], ["not_an_image"]
+
+
+@pytest.mark.parametrize("make", [_bom_csv_gz, _hf_parquet], ids=["bom-csv-gz", "hf-parquet"])
+def test_pipeline_over_csv_and_parquet_manifests(tmp_path, make):
+    from babelcap.pipelines.runner import run
+
+    folder = tmp_path / "user"
+    folder.mkdir()
+    manifest, languages, dead_kinds = make(folder)
+    before = _tree_digest(tmp_path, tmp_path / "out")
+    config = AugmentConfig(input=str(manifest), output=str(tmp_path / "out"), **GUARD)
+    result = run(config, workers=1, echo=False)
+    rows, dead = _read_output(tmp_path / "out")
+    assert result["accounting"]["balanced"]
+    assert result["accounting"]["inputs"] == len(rows) + len(dead)
+    assert sorted(d["error_kind"] for d in dead) == dead_kinds
+    assert sorted(c["language"] for r in rows for c in r["captions"]) == languages
+    if make is _hf_parquet:
+        uris = sorted(r["source_uri"] for r in rows)
+        assert uris == sorted(["embedded.png", str(folder / "img" / "on_disk.png")])
     assert _tree_digest(tmp_path, tmp_path / "out") == before
 
 
