@@ -455,6 +455,7 @@ def _read_output(out: Path) -> tuple[list[dict], list[dict]]:
     return rows, dead
 
 
+@pytest.mark.slow
 def test_pipeline_over_a_bad_manifest_with_two_worker_processes(tmp_path):
     """Every good row becomes a row (with its language normalised), every bad one a dead
     letter with its reason, the books balance, and nothing outside OUTPUT changes."""
@@ -516,6 +517,7 @@ def test_pipeline_over_a_bad_manifest_with_two_worker_processes(tmp_path):
     assert _tree_digest(tmp_path, tmp_path / "out") == before
 
 
+@pytest.mark.slow
 def test_pipeline_over_a_folder_of_bad_tars(tmp_path):
     from babelcap.pipelines.runner import run
 
@@ -602,6 +604,7 @@ def _hf_parquet(folder: Path) -> tuple[Path, list[str], list[str]]:
     return path, ["en", "en"], ["not_an_image"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [_bom_csv_gz, _hf_parquet], ids=["bom-csv-gz", "hf-parquet"])
 def test_pipeline_over_csv_and_parquet_manifests(tmp_path, make):
     from babelcap.pipelines.runner import run
@@ -663,6 +666,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_memory_bound_on_hostile_tars(tmp_path):
     sparse_tar(tmp_path / "sparse.tar", 1 << 30)
     # a gzip stream named .tar (inflates to 256 MiB), and a .tar.gz with a 128 MiB member
