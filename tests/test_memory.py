@@ -95,3 +95,45 @@ def test_memory_pickles_without_connections_or_lock(tmp_path):
     assert clone.disk_hits == 1
     memory.close()
     clone.close()
+
+
+def test_real_engine_translates_from_many_threads_with_a_disk_memory(tmp_path):
+    """What Beam does: one shared engine (RunInference's shared handle), bundles on a thread
+    pool, the SQLite memory on. Every thread gets the single-threaded answers."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    import pipeline_testkit as kit
+
+    from babelcap.translators import Translator
+
+    ct2 = kit.tiny_translator(tmp_path / "tr", languages=("pt",))
+    sentences = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("circle", "star")]
+    reference = Translator(ct2, max_decoding_length=6, memory_size=0).translate(
+        sentences, "en", "pt"
+    )
+    engine = Translator(ct2, max_decoding_length=6, cache_path=str(tmp_path / "m.sqlite"))
+    errors: list[BaseException] = []
+    answers: list[list[str]] = []
+    start = threading.Barrier(6)
+
+    def work(t: int) -> None:
+        try:
+            start.wait()
+            for _ in range(5):
+                order = sentences[t % 6 :] + sentences[: t % 6]
+                out = engine.translate(order, "en", "pt")
+                answers.append([out[order.index(s)] for s in sentences])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.unload()
+    assert not errors, errors[:3]
+    assert len(answers) == 30 and all(a == reference for a in answers)
+    assert engine.memory.hits > 0
