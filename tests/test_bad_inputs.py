@@ -464,7 +464,7 @@ def test_pipeline_over_a_bad_manifest_with_two_worker_processes(tmp_path):
     root = tmp_path / "user"
     data = root / "data"
     (data / "img").mkdir(parents=True)
-    for i in range(6):
+    for i in range(7):
         (data / "img" / f"g{i}.png").write_bytes(_png(i + 1))
     (root / "outside.png").write_bytes(_png(50))
     os.mkfifo(data / "img" / "pipe.png")
@@ -475,6 +475,7 @@ def test_pipeline_over_a_bad_manifest_with_two_worker_processes(tmp_path):
         {"image_path": "img/g2.png", "caption": "a blue circle", "lang": "en_GB"},
         {"image_path": str(root / "outside.png"), "caption": "an absolute path is allowed"},
         {"image_path": "./img/g3.png", "caption": "a small\u0085triangle"},
+        {"image_path": "img/g6.png", "caption": "a tiny square", "lang": "xx-YY"},
     ]
     bad = [
         ({"image_path": "../outside.png", "caption": "climbs out"}, "path_outside_manifest"),
@@ -510,6 +511,9 @@ def test_pipeline_over_a_bad_manifest_with_two_worker_processes(tmp_path):
     assert uris["a latin-1 file name"].endswith("img/caf\\xe9.png")  # stored printable
     assert caps["a red square on the left"] == "en"  # U+2028 was whitespace in the caption
     assert caps["um quadrado azul"] == "pt" and caps["a blue circle"] == "en"
+    assert caps["a tiny square"] == "xx-YY"  # unknown: kept as given, and counted
+    assert result["stats"]["read.language_unknown"] == 1
+    assert result["stats"]["read.language_normalised"] == 3
     kinds = sorted(d["error_kind"] for d in dead)
     assert kinds == sorted([k for _, k in bad] + ["bad_manifest_row"])
     refs = sorted(int(d["input_ref"].rsplit("#L", 1)[1]) for d in dead)
