@@ -309,11 +309,48 @@ def remove_unit_files(output: str, name: str, record: Mapping[str, Any] | None =
             os.rmdir(folder)
 
 
-def commit_unit(output: str, staging_unit: str, name: str, record: dict[str, Any]) -> None:
-    """Move a finished staged unit into OUTPUT and write its record (the commit, last)."""
-    remove_unit_files(output, name)  # leftovers of a killed commit of this unit
+_UNIT_DATA = re.compile(r"^unit-\d{5}(-v\d+)?$")
+_UNIT_DEAD = re.compile(r"^unit-\d{5}\.parquet$")
+
+
+def remove_unreferenced(output: str, records: list[Mapping[str, Any]]) -> None:
+    """Delete unit data folders and dead-letter files of babelcap's names that no committed
+    record lists (left by a killed commit). Call only while holding the lock."""
+    if "://" in output:
+        return  # object stores: a killed commit's files are replaced when the unit is redone
+    listed = {f["path"] for r in records for f in r.get("files", [])}
+    data = Path(output, DATA_DIR)
+    for folder in sorted(data.iterdir()) if data.is_dir() else []:
+        if not (folder.is_dir() and _UNIT_DATA.match(folder.name)):
+            continue
+        for f in folder.iterdir():
+            rel = f"{DATA_DIR}/{folder.name}/{f.name}"
+            if _DATA_NAME.match(f.name) and rel not in listed:
+                f.unlink()
+        with contextlib.suppress(OSError):  # only when empty: never a user's file in it
+            folder.rmdir()
+    dead = Path(output, DEAD_LETTER_DIR)
+    for f in sorted(dead.iterdir()) if dead.is_dir() else []:
+        if _UNIT_DEAD.match(f.name) and f"{DEAD_LETTER_DIR}/{f.name}" not in listed:
+            f.unlink()
+
+
+def commit_unit(
+    output: str,
+    staging_unit: str,
+    name: str,
+    record: dict[str, Any],
+    data_name: str | None = None,
+    keep_files: list[dict[str, Any]] = (),
+) -> None:
+    """Move a finished staged unit into OUTPUT and write its record (the commit, last).
+    `data_name`: the data folder (a new version of a committed unit: `unit-N-vK`);
+    `keep_files`: entries of the unit's earlier record that stay (its dead letters)."""
+    data_name = data_name or name
+    if data_name == name:
+        remove_unit_files(output, name)  # leftovers of a killed commit of this unit
     staged_data = FileSystems.join(staging_unit, DATA_DIR)
-    target = FileSystems.join(output, DATA_DIR, name)
+    target = FileSystems.join(output, DATA_DIR, data_name)
     files = []
     staged_files = _ls(staged_data, ".parquet")
     if staged_files:
@@ -330,9 +367,10 @@ def commit_unit(output: str, staging_unit: str, name: str, record: dict[str, Any
     dead_target = FileSystems.join(output, DEAD_LETTER_DIR, f"{name}.parquet")
     for f in record["files"]:
         if f["kind"] == "shard":
-            files.append({**f, "path": f"{DATA_DIR}/{name}/{f['name']}"})
+            files.append({**f, "path": f"{DATA_DIR}/{data_name}/{f['name']}"})
         else:
             files.append({**f, "path": f"{DEAD_LETTER_DIR}/{name}.parquet"})
+    files += list(keep_files)
     if FileSystems.exists(dead):
         _mkdirs(FileSystems.join(output, DEAD_LETTER_DIR))
         FileSystems.rename([dead], [dead_target])

@@ -313,20 +313,22 @@ def _run_locked(
 ) -> dict[str, Any]:
     fs, root = _fs(output)
     old_records = committed_units(root, fs)
-    try:
-        old_config = publish.read_manifest(output)["config"]
-    except FileNotFoundError:
-        old_config = old_records[0].get("config") if old_records else None
-    replace = False
-    if old_config is not None:
-        diffs = units.config_differences(old_config, config.to_dict())
-        if diffs and not config.overwrite:
-            raise ConfigMismatchError(
-                f"{output} was made with another configuration ({', '.join(diffs)} differ): "
-                "its rows and this run's would not match. Write to a new output, or pass "
-                "--overwrite to replace it (swapped in only when the new run succeeds)"
-            )
-        replace = bool(diffs)
+    publish.remove_unreferenced(output, old_records)
+    old_configs = [r["config"] for r in old_records]
+    if not old_configs:
+        with contextlib.suppress(FileNotFoundError):
+            old_configs = [publish.read_manifest(output)["config"]]
+    new_config = config.to_dict()
+    diffs = sorted({d for old in old_configs for d in _differences(old, new_config)})
+    if diffs and not config.overwrite:
+        raise ConfigMismatchError(
+            f"{output} was made with another configuration ({', '.join(diffs)} differ): "
+            "its rows and this run's would not match. Write to a new output, or pass "
+            "--overwrite to replace it (swapped in only when the new run succeeds)"
+        )
+    replace = bool(diffs)
+    # Units made with fewer target languages get the missing ones added (translation only).
+    missing = {} if replace else _missing_languages(old_records, config)
 
     inputs = units.list_inputs(config)
     if not inputs:
@@ -353,6 +355,13 @@ def _run_locked(
     staging = FileSystems.join(output, STAGING_DIR, run_id)
     options = pipeline_options(beam_args, workers)
     runner = options.view_as(StandardOptions).runner
+    metrics: dict[str, Any] = {}
+    this_run: list[dict[str, Any]] = []
+    if missing:
+        this_run, metrics = _add_languages(
+            config, output, staging, models, missing, committed, options, echo
+        )
+        _write_outputs(output, config, root, fs, needed, extra=None)
     log.info(
         "augment run %s: %d of %d units to compute, runner %s, staging %s",
         run_id,
@@ -362,8 +371,6 @@ def _run_locked(
         staging,
     )
     start = time.perf_counter()
-    metrics: dict[str, Any] = {}
-    this_run: list[dict[str, Any]] = []
     deferred: list[tuple[str, str, dict[str, Any]]] = []
     progress = tqdm(
         total=len(pending), unit="unit", desc="augment", disable=not echo or not pending
@@ -470,6 +477,124 @@ def _run_locked(
             f"{books['rows_written']} rows in {output} in {seconds:.1f}s"
         )
     return manifest
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Keys that make rows incompatible; more target languages than before is not one (the
+    missing ones are added)."""
+    diffs = units.config_differences(old, new)
+    if "languages" in diffs and set(old.get("languages") or ()) <= set(new.get("languages") or ()):
+        diffs.remove("languages")
+    return diffs
+
+
+def _missing_languages(
+    records: list[dict[str, Any]], config: AugmentConfig
+) -> dict[tuple[str, ...], list[int]]:
+    """(languages to add) -> committed units that lack exactly those."""
+    out: dict[tuple[str, ...], list[int]] = {}
+    for r in records:
+        have = set(r["config"].get("languages") or ())
+        lack = tuple(lang for lang in config.languages if lang not in have)
+        if lack and any(f["kind"] == "shard" for f in r["files"]):
+            out.setdefault(lack, []).append(r["unit"])
+    return out
+
+
+def _version_name(unit: int, files: list[dict[str, Any]]) -> str:
+    """The next data folder of a committed unit: unit-N-v1, unit-N-v2, ..."""
+    versions = [0]
+    for f in files:
+        folder = f["path"].split("/")[1] if f["kind"] == "shard" else ""
+        if "-v" in folder:
+            versions.append(int(folder.rsplit("-v", 1)[1]))
+    return f"{units.unit_name(unit)}-v{max(versions) + 1}"
+
+
+def _add_languages(
+    config: AugmentConfig,
+    output: str,
+    staging: str,
+    models: dict[str, Any],
+    missing: dict[tuple[str, ...], list[int]],
+    committed: dict[int, dict[str, Any]],
+    options: PipelineOptions,
+    echo: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Translate committed units into the languages they lack, wave by wave, committing each
+    unit's new version; no captioning, no CLIP. Returns (new records, metrics)."""
+    from babelcap.pipelines.add_language import build_add_languages, row_ref
+
+    done: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {}
+    total = sum(len(v) for v in missing.values())
+    progress = tqdm(total=total, unit="unit", desc="add languages", disable=not echo)
+    try:
+        for languages, unit_list in sorted(missing.items()):
+            for wave in units.waves(sorted(unit_list), config.units_per_wave):
+                wave_start = time.perf_counter()
+                files, unit_of = [], {}
+                for u in wave:
+                    for f in committed[u]["files"]:
+                        if f["kind"] == "shard":
+                            path = FileSystems.join(output, f["path"])
+                            files.append((u, path))
+                            for image_id in _read_parquet(path, ["image_id"])[
+                                "image_id"
+                            ].to_pylist():
+                                unit_of[row_ref(u, image_id)] = u
+                pipeline = beam.Pipeline(options=options)
+                build_add_languages(pipeline, config, staging, models, languages, files, unit_of)
+                with worker_environment(options):
+                    result = pipeline.run()
+                    result.wait_until_finish()
+                metrics = _merge_metrics(metrics, _metrics(result))
+                seconds = time.perf_counter() - wave_start
+                for u in wave:
+                    old = committed[u]
+                    folder = unit_folder(staging, u)
+                    staged = publish.read_staged_unit(folder)
+                    rows = sum(f["rows"] for f in staged["files"] if f["kind"] == "shard")
+                    if rows != old["accounting"]["rows_written"]:
+                        raise accounting.AccountingError(
+                            f"unit {u}: {rows} rows after adding {languages}, "
+                            f"{old['accounting']['rows_written']} before"
+                        )
+                    _, splits, captions = _unit_contents(
+                        FileSystems.join(folder, DATA_DIR), staged["files"]
+                    )
+                    record = {
+                        **old,
+                        "run_id": staged.get("run_id", old["run_id"]),
+                        "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                        "config": config.to_dict(),
+                        "languages_added": list(languages),
+                        "seconds_add_languages": round(seconds / len(wave), 3),
+                        "splits": splits,
+                        "captions": captions,
+                        "stats": _sum([old["stats"], staged["stats"]]),
+                        "files": [f for f in staged["files"] if f["kind"] == "shard"],
+                    }
+                    keep = [f for f in old["files"] if f["kind"] != "shard"]
+                    name = units.unit_name(u)
+                    publish.commit_unit(
+                        output, folder, name, record, _version_name(u, old["files"]), keep
+                    )
+                    old_data = [
+                        FileSystems.join(output, f["path"])
+                        for f in old["files"]
+                        if f["kind"] == "shard"
+                    ]
+                    FileSystems.delete([p for p in old_data if FileSystems.exists(p)])
+                    if "://" not in output:
+                        with contextlib.suppress(OSError, IndexError):
+                            os.rmdir(os.path.dirname(old_data[0]))
+                    committed[u] = publish.read_json_file(publish.unit_record_path(output, name))
+                    done.append(committed[u])
+                progress.update(len(wave))
+    finally:
+        progress.close()
+    return done, metrics
 
 
 def _guard(config: AugmentConfig, records: list[dict[str, Any]]) -> None:

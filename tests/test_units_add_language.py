@@ -1,0 +1,75 @@
+"""Adding a language to a finished output (issue 14): translation only, existing captions kept
+byte for byte, zero captioner and CLIP calls (counted by Beam's RunInference metrics of the
+run), the rows otherwise unchanged. A tiny random translator (CTranslate2, pt and es) keeps it
+fast; its output is gibberish, so the language and degenerate checks are off."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_publish import make_inputs
+
+from babelcap.core.shards import find_shards
+from babelcap.pipelines.options import AugmentConfig, TextFilterConfig, TranslationStageConfig
+from babelcap.pipelines.runner import ConfigMismatchError, run
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+import pipeline_testkit as kit
+
+
+def _rows(out: Path) -> list[dict]:
+    files = find_shards(out).files
+    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("image_id").to_pylist()
+
+
+def test_add_a_language_translates_only(tmp_path):
+    translator = kit.tiny_translator(tmp_path / "tr", languages=("pt", "es"))
+    manifest = make_inputs(tmp_path / "in", 10)
+    out = tmp_path / "out"
+
+    def cfg(languages: str) -> AugmentConfig:
+        return AugmentConfig(
+            input=str(manifest),
+            output=str(out),
+            languages=languages,
+            translator=TranslationStageConfig(
+                model=str(translator), batch_size=8, options={"max_decoding_length": 12}
+            ),
+            text=TextFilterConfig(language_check=False, degenerate_check=False),
+            unit_size=4,
+        )
+
+    run(cfg("pt"), workers=1, echo=False)
+    before = _rows(out)
+    assert all(any(c["language"] == "pt" for c in r["captions"]) for r in before)
+
+    manifest_out = run(cfg("pt,es"), workers=1, echo=False)
+    after = _rows(out)
+    assert [r["image_id"] for r in after] == [r["image_id"] for r in before]
+    for old, new in zip(before, after, strict=True):
+        n = len(old["captions"])
+        assert new["captions"][:n] == old["captions"]  # pt (and en) exactly as they were
+        added = new["captions"][n:]
+        assert added and {c["language"] for c in added} == {"es"}
+        for c in added:
+            src = new["captions"][c["source_index"]]
+            assert src["language"] == "en" and src["origin"] != "translated"
+        assert {k: v for k, v in new.items() if k != "captions"} == {
+            k: v for k, v in old.items() if k != "captions"
+        }
+    metrics = manifest_out["metrics"]
+    assert not [k for k in metrics if k.startswith(("babelcap.caption/", "babelcap.clip/"))]
+    assert metrics["babelcap.translate/num_inferences"] == len(before)  # one call per row
+    assert manifest_out["this_run"]["units"] == 3 and manifest_out["complete"]
+    assert manifest_out["captions_per_language"]["es"] > 0
+    # Only the new versions are on disk and read; a plain glob agrees.
+    assert len(list(out.glob("data/*/*.parquet"))) == len(find_shards(out).files)
+    assert all("-v1" in f for f in find_shards(out).files)
+
+    # Removing a language is another configuration.
+    with pytest.raises(ConfigMismatchError, match="languages"):
+        run(cfg("es"), workers=1, echo=False)
