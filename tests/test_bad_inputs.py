@@ -455,10 +455,22 @@ def _read_output(out: Path) -> tuple[list[dict], list[dict]]:
     return rows, dead
 
 
+@pytest.fixture(scope="module")
+def tiny_translator(tmp_path_factory) -> Path:
+    """A small random Marian model (en -> pt) converted to CTranslate2: real translation, made
+    here (its output is gibberish; what counts is which captions it is asked to translate)."""
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    import pipeline_testkit as kit
+
+    return kit.tiny_translator(tmp_path_factory.mktemp("tr") / "ct2", languages=("pt",))
+
+
 @pytest.mark.slow
-def test_pipeline_over_a_bad_manifest_with_two_worker_processes(tmp_path):
-    """Every good row becomes a row (with its language normalised), every bad one a dead
-    letter with its reason, the books balance, and nothing outside OUTPUT changes."""
+def test_pipeline_over_a_bad_manifest_with_two_worker_processes(tmp_path, tiny_translator):
+    """Every good row becomes a row (with its language normalised, so `en-US` captions are
+    translated), every bad one a dead letter with its reason, the books balance, and nothing
+    outside OUTPUT changes."""
+    from babelcap.pipelines.options import TextFilterConfig, TranslationStageConfig
     from babelcap.pipelines.runner import run
 
     root = tmp_path / "user"
@@ -499,15 +511,28 @@ def test_pipeline_over_a_bad_manifest_with_two_worker_processes(tmp_path):
     before = _tree_digest(tmp_path, tmp_path / "out")
 
     config = AugmentConfig(
-        input=str(manifest), output=str(tmp_path / "out"), rows_per_shard=4, **GUARD
+        input=str(manifest),
+        output=str(tmp_path / "out"),
+        rows_per_shard=4,
+        languages=("pt",),
+        translator=TranslationStageConfig(
+            model=str(tiny_translator), batch_size=4, options={"max_decoding_length": 8}
+        ),
+        text=TextFilterConfig(language_check=False),
+        **GUARD,
     )
     result = run(config, workers=2, echo=False)
+    # every English caption was translated: en-US, en_GB and the three without a language
+    # (the old reader left `en-US` / `en_GB` untranslated); pt-BR and xx-YY are not English
+    assert result["stats"]["translate.translations"] == 5
 
     assert result["accounting"]["balanced"] and result["accounting"]["inputs"] == len(lines)
     rows, dead = _read_output(tmp_path / "out")
     assert len(rows) == len(good)
-    caps = {r["captions"][0]["text"]: r["captions"][0]["language"] for r in rows}
-    uris = {r["captions"][0]["text"]: r["source_uri"] for r in rows}
+    caps = {
+        c["text"]: c["language"] for r in rows for c in r["captions"] if c["origin"] == "source"
+    }
+    uris = {c["text"]: r["source_uri"] for r in rows for c in r["captions"]}
     assert uris["a latin-1 file name"].endswith("img/caf\\xe9.png")  # stored printable
     assert caps["a red square on the left"] == "en"  # U+2028 was whitespace in the caption
     assert caps["um quadrado azul"] == "pt" and caps["a blue circle"] == "en"
