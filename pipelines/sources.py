@@ -591,10 +591,24 @@ class ExpandInput(beam.DoFn):
 
         # Read from the open file in small batches (never the whole file into memory): a
         # Hugging Face manifest can carry every image's bytes.
+        cfg = self.config
+        wanted = {
+            *((cfg.image_column,) if cfg.image_column else IMAGE_COLUMNS),
+            *((cfg.caption_column,) if cfg.caption_column else CAPTION_COLUMNS),
+            *((cfg.language_column,) if cfg.language_column else LANGUAGE_COLUMNS),
+            "split",
+        }
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             pf = pq.ParquetFile(f)
+            # Only the columns a row needs are read (a dataset's embeddings or other images
+            # stay on disk).
+            names = pf.schema_arrow.names
+            columns = [n for n in names if n in wanted]
+            images = (cfg.image_column,) if cfg.image_column else IMAGE_COLUMNS
+            if not any(c in columns for c in images):
+                raise ValueError(f"no image column ({', '.join(images)}) among {names[:50]}")
             i = 0
-            for batch in pf.iter_batches(batch_size=64):
+            for batch in pf.iter_batches(batch_size=64, columns=columns):
                 for row in batch.to_pylist():
                     i += 1
                     yield i, row, None

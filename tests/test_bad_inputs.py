@@ -806,3 +806,15 @@ def test_permanent_local_errors_are_not_retried(tmp_path):
     if not os.access(tmp_path / "locked.png", os.R_OK):  # (root reads it anyway)
         _, dead = _read(_rec(str(tmp_path / "locked.png")), retries=3, backoff_s=0)
         assert dead["error_kind"] == "permission_denied"
+
+
+def test_parquet_manifest_reads_only_its_columns_and_names_a_missing_one(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png(1))
+    table = pa.table({"path": ["a.png"], "caption": ["a cat"], "embedding": [[0.5] * 4096]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    recs, dead = _expand(AugmentConfig(input=str(tmp_path / "m.parquet"), output="o"))
+    assert [r["source_caption"] for r in recs] == ["a cat"] and not dead
+    pq.write_table(pa.table({"picture": ["a.png"]}), tmp_path / "n.parquet")
+    recs, dead = _expand(AugmentConfig(input=str(tmp_path / "n.parquet"), output="o"))
+    assert not recs and [d["error_kind"] for d in dead] == ["bad_manifest"]
+    assert "no image column" in dead[0]["message"] and "picture" in dead[0]["message"]
