@@ -818,3 +818,18 @@ def test_parquet_manifest_reads_only_its_columns_and_names_a_missing_one(tmp_pat
     recs, dead = _expand(AugmentConfig(input=str(tmp_path / "n.parquet"), output="o"))
     assert not recs and [d["error_kind"] for d in dead] == ["bad_manifest"]
     assert "no image column" in dead[0]["message"] and "picture" in dead[0]["message"]
+
+
+def test_every_read_kind_is_classified_transient_or_permanent():
+    """`--retry-failed` (issue 14) decides from these sets: every kind the readers emit is in
+    exactly one of them."""
+    import re
+
+    text = Path(sources.__file__).read_text()
+    kinds = set(re.findall(r'"read",\s*"([a-z_]+)"', text))
+    kinds |= set(re.findall(r'(?:RowError|_Refused)\(\s*"([a-z_]+)"', text))
+    kinds |= set(re.findall(r'return "([a-z_]+)", (?:True|False)', text))
+    kinds |= set(re.findall(r'return "(unsafe_member|file_too_large|bad_sample)"', text))
+    assert {"missing_file", "read_error", "bad_tar", "path_outside_manifest"} <= kinds
+    unclassified = kinds - TRANSIENT_KINDS - PERMANENT_READ_KINDS
+    assert not unclassified, unclassified
