@@ -13,11 +13,19 @@ CLIP_benchmark, where datasets, class names and templates are data, not code of 
   ``reader(ARG, languages=..., split=..., max_images=..., max_captions=...)`` and returning
   `EvalData`. The world registers ``world`` (``world:PATH``); training never imports it.
 
+After the argument, comma-separated items choose the split (a bare word: ``xm3600:DIR``,
+``karpathy:dataset_flickr30k.json,test``, ``world:W,val``; ``all`` for every split) and pass
+reader options (``key=value``: ``xtd10:DIR,images=/data/coco/val2014``), so one string names a
+dataset the same way in `babelcap eval --dataset`, the trainer's config and a benchmark script.
+The public benchmarks' readers (xm3600, xtd10, multi30k, karpathy, manifest) are in
+`babelcap.training.benchmarks`, registered like any other.
+
 A new dataset is one reader function and one entry point; the evaluator needs no change.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +62,8 @@ class EvalData:
     text_to_image: dict[str, list[int]] = field(default_factory=dict)
     image_ids: list[str] = field(default_factory=list)  # sha256 of the image bytes (image_id)
     zero_shot: dict[str, ZeroShotTask] = field(default_factory=dict)
+    name: str = ""  # the dataset's kind (xm3600, world, shards, ...), for reports
+    info: dict[str, Any] = field(default_factory=dict)  # what the reader wants reported
 
     def only(self, languages: Sequence[str]) -> EvalData:
         """The same images and tasks with the captions of `languages` only."""
@@ -65,6 +75,8 @@ class EvalData:
             },
             image_ids=self.image_ids,
             zero_shot=self.zero_shot,
+            name=self.name,
+            info=self.info,
         )
 
 
@@ -77,6 +89,30 @@ _SPEC = re.compile(r"^(?P<name>[A-Za-z][\w.-]*)(?:\[(?P<options>[^\]]*)\])?:(?P<
 def readers() -> dict[str, Any]:
     """Registered dataset readers (entry points of group `babelcap.eval_datasets`) by name."""
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+# A trailing ",word" (a split) or ",key=value" (a reader option) after a dataset's argument.
+_SPLIT_ITEM = re.compile(r"^[A-Za-z][\w-]*$")
+_OPTION_ITEM = re.compile(r"^(?P<key>[A-Za-z_]\w*)=(?P<value>.*)$")
+
+
+def split_options(arg: str) -> tuple[str, str | None, dict[str, str]]:
+    """(argument, split or None, options) of ``PATH[,split][,key=value...]``: trailing items
+    are taken while they look like a split name or key=value (a shard list keeps its paths)."""
+    items = arg.split(",")
+    split: str | None = None
+    options: dict[str, str] = {}
+    while len(items) > 1:
+        last = items[-1].strip()
+        option = _OPTION_ITEM.match(last)
+        if option:
+            options.setdefault(option["key"], option["value"])
+        elif _SPLIT_ITEM.match(last) and split is None:
+            split = last
+        else:
+            break
+        items.pop()
+    return ",".join(items), split, options
 
 
 def parse_spec(spec: str) -> tuple[str, str | None, str]:
@@ -96,10 +132,13 @@ def load_eval_data(
 ) -> EvalData:
     """Read the evaluation dataset `spec` (see the module doc) for `languages`.
 
-    `split`: rows of this split only (None: all); `max_images`: the first N images;
-    `max_captions`: at most N captions per image and language.
+    `split`: rows of this split only (None: all; a split in the spec wins); `max_images`: the
+    first N images; `max_captions`: at most N captions per image and language.
     """
     name, options, arg = parse_spec(str(spec))
+    arg, spec_split, reader_options = split_options(arg)
+    if spec_split is not None:
+        split = None if spec_split == "all" else spec_split
     if not arg:
         raise ValueError(f"evaluation dataset {spec!r}: nothing after {name + ':'!r}")
     if name == SHARDS:
@@ -115,7 +154,11 @@ def load_eval_data(
                     f"evaluation dataset {spec!r}: unknown caption origin(s) {unknown}; "
                     f"known: {', '.join(schema.ORIGINS)} (or * for all)"
                 )
-        return shard_eval_data(arg, languages, origins, split, max_images, max_captions)
+        if reader_options:
+            raise ValueError(f"evaluation dataset {spec!r}: shards take no key=value options")
+        data = shard_eval_data(arg, languages, origins, split, max_images, max_captions)
+        data.name = data.name or SHARDS
+        return data
     if options is not None:
         raise ValueError(f"evaluation dataset {spec!r}: options [...] are for shards only")
     known = readers()
@@ -126,15 +169,25 @@ def load_eval_data(
             f"(readers register under the entry-point group {ENTRY_POINT_GROUP!r})"
         )
     reader: Reader = known[name].load()
+    if reader_options:
+        accepted = inspect.signature(reader).parameters
+        unknown = [k for k in reader_options if k not in accepted]
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            raise ValueError(
+                f"evaluation dataset {spec!r}: reader {name!r} takes no option(s) "
+                f"{', '.join(unknown)}"
+            )
     data = reader(
         arg,
         languages=list(languages),
         split=split,
         max_images=max_images,
         max_captions=max_captions,
+        **reader_options,
     )
     if not isinstance(data, EvalData):
         raise TypeError(f"evaluation dataset reader {name!r} returned {type(data).__name__}")
+    data.name = data.name or name
     return data
 
 

@@ -1,11 +1,15 @@
-"""`babelcap eval`: retrieval recall@1/5/10 and mean recall per language (and the zero-shot
-tasks the evaluation dataset provides, e.g. shape/colour on a world), for one model or several
-side by side. The dataset is `--data SPEC` (see `babelcap.training.eval_data`); `--world W`
-means `--data world:W` and `--shards P` means `--data shards:P`."""
+"""`babelcap eval`: retrieval recall@1/5/10 and mean recall per language, their spread across
+languages (and the zero-shot tasks the evaluation dataset provides, e.g. shape/colour on a
+world), for one model or several side by side. The dataset is `--dataset KIND:PATH[,split]`
+(repeat for several; `--data` is the same flag; see `babelcap.training.eval_data` and
+`babelcap.training.benchmarks`); `--world W` means `--dataset world:W` and `--shards P` means
+`--dataset shards:P`."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,17 +36,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
+        "--dataset",
         "--data",
-        metavar="SPEC",
-        help="evaluation dataset: shards:PATH (gold captions; shards[translated]:PATH picks "
-        "other origins, shards[*]:PATH all), a plain shard path/glob, or NAME:ARG for a reader "
-        "registered under the entry-point group babelcap.eval_datasets (e.g. world:DIR)",
+        dest="datasets",
+        action="append",
+        metavar="KIND:PATH[,split][,key=value]",
+        help="evaluation dataset (repeat for several): xm3600:DIR, xtd10:DIR[,images=COCO_DIR], "
+        "multi30k:DIR[,test_2017_flickr][,images=FLICKR30K_DIR], karpathy:dataset_flickr30k.json"
+        "[,test][,images=DIR], manifest:FILE.{jsonl,csv,parquet}, world:DIR, shards:PATH (gold "
+        "captions; shards[source]:PATH other origins, shards[*]:PATH all), a plain shard path, or "
+        "any reader registered under the entry-point group babelcap.eval_datasets",
     )
     source.add_argument("--world", metavar="DIR", help="same as --data world:DIR")
     source.add_argument("--shards", metavar="PATH", help="same as --data shards:PATH")
     parser.add_argument("--languages", default="en,pt,es,de,hi", help="comma-separated")
     parser.add_argument("--split", default="test", help="split (default test; all: every split)")
     parser.add_argument("--max-images", type=int, default=None, help="first N images only")
+    parser.add_argument(
+        "--max-captions", type=int, default=None, help="at most N captions per image and language"
+    )
+    parser.add_argument(
+        "--tie-rule",
+        choices=["babelcap", "clip_benchmark"],
+        default="babelcap",
+        help="babelcap: ties with a wrong item are misses, identical captions count for each of "
+        "their images; clip_benchmark: torch.topk decides, as CLIP_benchmark computes it (to "
+        "compare with published tables)",
+    )
+    parser.add_argument(
+        "--embedding-cache",
+        metavar="DIR",
+        default=None,
+        help="keep image and caption embeddings here per model (keyed by the weights and the "
+        "data's content) and reuse them on the next run",
+    )
     parser.add_argument("--out", default=None, help="folder for results.json/.md/.png")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip zero-shot classes")
     parser.add_argument(
@@ -63,10 +90,10 @@ def _parse_models(items: Sequence[str]) -> dict[str, str]:
 
 
 def data_spec(data: str | None, world: str | None = None, shards: str | None = None) -> str:
-    """The dataset spec of `--data`, `--world W` (world:W) or `--shards P` (shards:P)."""
+    """The dataset spec of `--dataset`, `--world W` (world:W) or `--shards P` (shards:P)."""
     given = [s for s in (data, world and f"world:{world}", shards and f"shards:{shards}") if s]
     if len(given) != 1:
-        raise ValueError("give exactly one of --data, --world, --shards")
+        raise ValueError("give exactly one of --dataset, --world, --shards")
     return given[0]
 
 
@@ -83,6 +110,9 @@ def run_eval(
     shards: str | None = None,
     max_images: int | None = None,
     allow_contamination: bool = False,
+    max_captions: int | None = None,
+    tie_rule: str = "babelcap",
+    embedding_cache: str | None = None,
 ) -> dict:
     """Evaluate `models` (label -> spec) on the dataset `data` (or `world` / `shards`), each
     after checking the dataset's images against what the model's run recorded it trained on
@@ -90,7 +120,7 @@ def run_eval(
     from babelcap.models.clip import load_clip
     from babelcap.training.contamination import load_run_index
     from babelcap.training.eval_data import load_eval_data
-    from babelcap.training.evaluate import evaluate, save_report, to_markdown
+    from babelcap.training.evaluate import EmbeddingCache, evaluate, save_report, to_markdown
     from babelcap.training.export import load_adapter
 
     dataset = load_eval_data(
@@ -98,12 +128,15 @@ def run_eval(
         languages,
         split=None if split == "all" else split,
         max_images=max_images,
+        max_captions=max_captions,
     )
+    cache = EmbeddingCache(embedding_cache) if embedding_cache else None
     results = {}
     for label, spec in models.items():
         name, _, pretrained = spec.partition("@")
         bundle = load_clip(name, pretrained or None)
-        evaluate_fn = evaluate
+        evaluate_fn: Any = evaluate
+        extra: dict[str, Any] = {"tie_rule": tie_rule, "cache": cache}
         training_images: Any = "recorded"
         if adapters and label in adapters:
             training_images = load_run_index(adapters[label]) or "recorded"
@@ -112,6 +145,11 @@ def run_eval(
             if per_language.is_language_adapter_dir(adapters[label]):  # adapter/<lang>/ folders
                 per_language.load_language_adapters(bundle.model, adapters[label])
                 evaluate_fn = per_language.evaluate_with_adapters  # each language its adapter
+                # it evaluates language by language with babelcap's rule and no embedding
+                # cache (the weights hold every language's adapter, not which one is active)
+                if tie_rule != "babelcap":
+                    raise ValueError("per-language adapters are evaluated with --tie-rule babelcap")
+                extra = {}
             else:
                 load_adapter(bundle, adapters[label])
         results[label] = evaluate_fn(
@@ -121,6 +159,7 @@ def run_eval(
             zero_shot=zero_shot,
             training_images=training_images,
             allow_contamination=allow_contamination,
+            **extra,
         )
     print(to_markdown(results), end="")
     if out:
@@ -133,15 +172,30 @@ def _eval(args: argparse.Namespace) -> int:
     from babelcap.core.lists import parse_list
 
     adapters = dict(a.split("=", 1) for a in args.adapter)
-    run_eval(
-        _parse_models(args.model),
-        data_spec(args.data, args.world, args.shards),
-        parse_list(args.languages),
-        args.split,
-        args.out,
-        not args.no_zero_shot,
-        adapters,
-        max_images=args.max_images,
-        allow_contamination=args.allow_contamination,
-    )
+    specs = args.datasets or [data_spec(None, args.world, args.shards)]
+    for i, spec in enumerate(specs):
+        out = args.out
+        if out and len(specs) > 1:  # one report folder per dataset
+            out = os.path.join(out, f"{i + 1}-{_slug(spec)}")
+        if len(specs) > 1:
+            print(f"## {spec}\n")
+        run_eval(
+            _parse_models(args.model),
+            spec,
+            parse_list(args.languages),
+            args.split,
+            out,
+            not args.no_zero_shot,
+            adapters,
+            max_images=args.max_images,
+            allow_contamination=args.allow_contamination,
+            max_captions=args.max_captions,
+            tie_rule=args.tie_rule,
+            embedding_cache=args.embedding_cache,
+        )
     return 0
+
+
+def _slug(spec: str) -> str:
+    kind = spec.split(":", 1)[0] if ":" in spec else "shards"
+    return re.sub(r"[^\w.-]+", "_", kind)[:40] or "dataset"

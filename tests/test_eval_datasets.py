@@ -1,0 +1,271 @@
+"""Benchmark readers on small copies laid out as each publisher distributes the dataset, written
+from the test world's images and gold captions (nothing downloaded): each reader must give the
+world's own evaluation data back (same image ids in the same order, same captions per language)
+and the counts the layout implies; then `babelcap eval --dataset` end to end."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from babelcap.training.benchmarks.common import DatasetError
+from babelcap.training.eval_data import load_eval_data, split_options
+from babelcap.world.load import load_gold
+
+LANGS = ["en", "pt", "de"]
+
+
+@pytest.fixture(scope="module")
+def gold(world_dir: Path) -> dict[str, list[dict]]:
+    return {lang: load_gold(world_dir, lang, "test") for lang in LANGS}
+
+
+def world(world_dir: Path, languages=LANGS, max_captions=None):
+    return load_eval_data(f"world:{world_dir}", languages, "test", max_captions=max_captions)
+
+
+def assert_same(data, ref, languages) -> None:
+    assert data.image_ids == ref.image_ids and len(data.images) == len(ref.images)
+    for lang in languages:
+        assert data.texts[lang] == ref.texts[lang], lang
+        assert data.text_to_image[lang] == ref.text_to_image[lang], lang
+
+
+def copy_image(world_dir: Path, row: dict, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes((world_dir / row["image_path"]).read_bytes())
+
+
+def key(row: dict) -> str:
+    return Path(row["image_path"]).stem
+
+
+# ------------------------------------------------------------------ XM3600
+
+
+def write_xm3600(world_dir: Path, gold, root: Path) -> Path:
+    lines = []
+    for i, row in enumerate(gold["en"]):
+        copy_image(world_dir, row, root / "images" / f"{key(row)}.jpg")
+        line = {"image/key": key(row), "image/locale": "en"}
+        for lang in LANGS:
+            caps = gold[lang][i]["captions"]
+            line[lang] = {"caption": caps, "caption/tokenized": [c.lower() for c in caps]}
+        lines.append(line)
+    lines.append({"image/key": "notdownloaded", "en": {"caption": ["x"]}})  # image missing
+    (root / "captions.jsonl").write_text(
+        "\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n", encoding="utf-8"
+    )
+    return root
+
+
+def test_xm3600(world_dir, gold, tmp_path):
+    root = write_xm3600(world_dir, gold, tmp_path / "xm3600")
+    n = len(gold["en"])
+    first = load_eval_data(f"xm3600:{root}", LANGS)  # CLIP_benchmark's reading: 1st caption
+    assert_same(first, world(world_dir, max_captions=1), LANGS)
+    assert len(first.images) == n and first.name == "xm3600"
+    assert first.info["missing_images"] == 1  # skipped with a warning, as CLIP_benchmark does
+    every = load_eval_data(f"xm3600:{root},captions=all", ["pt", "de"])
+    assert_same(every, world(world_dir, ["pt", "de"]), ["pt", "de"])
+    assert len(every.texts["pt"]) == sum(len(r["captions"]) for r in gold["pt"])
+    assert len(load_eval_data(f"xm3600:{root}", ["en"], max_images=7).images) == 7
+    with pytest.raises(DatasetError, match=r"no captions in hi; it has de, en, pt"):
+        load_eval_data(f"xm3600:{root}", ["en", "hi"])
+    with pytest.raises(ValueError, match="takes no option"):
+        load_eval_data(f"xm3600:{root},colour=blue", ["en"])
+
+
+# ------------------------------------------------------------------ XTD10
+
+
+def test_xtd10(world_dir, gold, tmp_path):
+    root, coco = tmp_path / "Cross-lingual-Test-Dataset-XTD10", tmp_path / "coco" / "val2014"
+    names = [f"COCO_val2014_{key(r)}.jpg" for r in gold["en"]]
+    for row, name in zip(gold["en"], names, strict=True):
+        copy_image(world_dir, row, coco / name)
+    (root / "XTD10").mkdir(parents=True)
+    (root / "XTD10" / "test_image_names.txt").write_text("\n".join(names) + "\n")
+    files = {"en": "XTD10/test_1kcaptions_en.txt", "de": "MIC/test_1kcaptions_de.txt"}
+    files["pt"] = "STAIR/test_1kcaptions_jp.txt"  # pt captions stand in for Japanese
+    for lang, rel in files.items():
+        (root / rel).parent.mkdir(exist_ok=True)
+        (root / rel).write_text("\n".join(r["captions"][0] for r in gold[lang]) + "\n")
+    data = load_eval_data(f"xtd10:{root},images={coco}", ["en", "de", "ja"])
+    ref = world(world_dir, max_captions=1)
+    assert_same(data, ref, ["en", "de"])
+    assert data.texts["ja"] == ref.texts["pt"] and len(data.images) == len(names)
+    with pytest.raises(DatasetError, match=r"test_1kcaptions_ko\.txt"):
+        load_eval_data(f"xtd10:{root},images={coco}", ["ko"])
+    # a caption file out of step with the image list is an error, not a silent misalignment
+    (root / "XTD10" / "test_1kcaptions_en.txt").write_text("one\ntwo\n")
+    with pytest.raises(DatasetError, match="2 lines for"):
+        load_eval_data(f"xtd10:{root},images={coco}", ["en"])
+
+
+# ------------------------------------------------------------------ Multi30K
+
+
+def test_multi30k(world_dir, gold, tmp_path):
+    root, flickr = tmp_path / "multi30k-dataset", tmp_path / "flickr30k-images"
+    task = root / "data" / "task1"
+    (task / "raw").mkdir(parents=True)
+    (task / "image_splits").mkdir()
+    names = [f"{key(r)}.jpg" for r in gold["en"]]
+    for row, name in zip(gold["en"], names, strict=True):
+        copy_image(world_dir, row, flickr / name)
+    (task / "image_splits" / "test_2016_flickr.txt").write_text("\n".join(names) + "\n")
+    (task / "image_splits" / "val.txt").write_text("\n".join(names[:5]) + "\n")
+    with gzip.open(task / "raw" / "test_2016_flickr.en.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(r["captions"][0] for r in gold["en"]) + "\n")  # .gz as committed
+    (task / "raw" / "test_2016_flickr.de").write_text(
+        "\n".join(r["captions"][0] for r in gold["de"]) + "\n"
+    )
+    (task / "raw" / "val.en").write_text("\n".join(r["captions"][1] for r in gold["en"][:5]))
+    data = load_eval_data(f"multi30k:{root},images={flickr}", ["en", "de"])
+    assert_same(data, world(world_dir, max_captions=1), ["en", "de"])
+    val = load_eval_data(f"multi30k:{root},val,images={flickr}", ["en"])
+    assert len(val.images) == 5 and val.texts["en"][0] == gold["en"][0]["captions"][1]
+    with pytest.raises(DatasetError, match="test_2017_flickr"):
+        load_eval_data(f"multi30k:{root},test_2017_flickr,images={flickr}", ["en"])
+
+
+# ------------------------------------------------------------------ Karpathy JSON
+
+
+def test_karpathy_json_and_translated_copy(world_dir, gold, tmp_path):
+    root = tmp_path / "flickr30k"
+    train = {lang: load_gold(world_dir, lang, "train")[:8] for lang in ("en", "pt")}
+    for lang, suffix in (("en", ""), ("pt", "_pt")):
+        images = []
+        for split, rows in (("test", gold[lang]), ("train", train[lang])):
+            for i, row in enumerate(rows):
+                copy_image(world_dir, row, root / "flickr30k-images" / f"{key(row)}.jpg")
+                sentences = [{"raw": c, "tokens": c.split(), "sentid": 0} for c in row["captions"]]
+                images.append(
+                    {
+                        "filename": f"{key(row)}.jpg",
+                        "imgid": i,
+                        "split": split,
+                        "sentences": sentences,
+                    }
+                )
+        doc = {"images": images, "dataset": "flickr30k"}
+        (root / f"dataset_flickr30k{suffix}.json").write_text(json.dumps(doc, ensure_ascii=False))
+    main = root / "dataset_flickr30k.json"
+    data = load_eval_data(f"karpathy:{main}", ["en", "pt"])  # split test by default
+    assert_same(data, world(world_dir, ["en", "pt"]), ["en", "pt"])
+    assert len(data.texts["en"]) == sum(len(r["captions"]) for r in gold["en"])  # every sentence
+    assert len(load_eval_data(f"karpathy:{main},train", ["en"]).images) == 8
+    assert len(load_eval_data(f"karpathy:{main},all", ["pt"]).images) == len(gold["en"]) + 8
+    # the translated copy alone, its language from its name
+    alone = load_eval_data(f"karpathy:{root / 'dataset_flickr30k_pt.json'}", ["pt"])
+    assert alone.texts["pt"] == data.texts["pt"]
+    with pytest.raises(DatasetError, match=r"dataset_flickr30k_de\.json"):
+        load_eval_data(f"karpathy:{main}", ["de"])
+
+
+# ------------------------------------------------------------------ manifests
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_manifest(world_dir, gold, tmp_path, fmt):
+    rows = []
+    for lang in ("en", "pt"):
+        for row in gold[lang]:
+            rows += [
+                {"image": row["image_path"], "caption": c, "language": lang, "split": "test"}
+                for c in row["captions"]
+            ]
+    rows.insert(
+        3, {"image": "images/train/x.png", "caption": "c", "language": "en", "split": "train"}
+    )
+    # images laid out as the world has them, the manifest next to them
+    for row in gold["en"]:
+        copy_image(world_dir, row, tmp_path / row["image_path"])
+    path = tmp_path / f"manifest.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    elif fmt == "csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    data = load_eval_data(f"manifest:{path}", ["en", "pt"])
+    assert_same(data, world(world_dir, ["en", "pt"]), ["en", "pt"])
+    assert data.info["missing_images"] == 0  # the train row is another split: not read
+
+
+def test_manifest_refuses_paths_outside_its_folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    manifest = tmp_path / "m" / "manifest.jsonl"
+    manifest.write_text(json.dumps({"image": "../secret.png", "caption": "c", "lang": "en"}))
+    with pytest.raises(DatasetError, match="leaves the dataset folder"):
+        load_eval_data(f"manifest:{manifest}", ["en"])
+    manifest.write_text(json.dumps({"image": str(tmp_path / "secret.png"), "caption": "c"}))
+    with pytest.raises(DatasetError, match="needs an image path"):
+        load_eval_data(f"manifest:{manifest}", ["en"])  # no language column, no lang=
+    with pytest.raises(DatasetError, match="must be relative"):
+        load_eval_data(f"manifest:{manifest},lang=en", ["en"])
+
+
+def test_spec_split_and_options():
+    assert split_options("/d/xm3600") == ("/d/xm3600", None, {})
+    assert split_options("/d/f.json,test,images=/x") == ("/d/f.json", "test", {"images": "/x"})
+    assert split_options("/d/f.json,images=/x,val") == ("/d/f.json", "val", {"images": "/x"})
+    assert split_options("a.parquet,b.parquet") == ("a.parquet,b.parquet", None, {})
+    assert split_options("/w,val") == ("/w", "val", {})
+
+
+# ------------------------------------------------------------------ the CLI, end to end
+
+
+def test_eval_cli_on_xm3600_layout(world_dir, world_models, gold, tmp_path):
+    clip = world_models("clip-base")["clip-base"]
+    root = write_xm3600(world_dir, gold, tmp_path / "xm3600")
+    cache = tmp_path / "emb"
+
+    def run(out: Path) -> dict:
+        cmd = [sys.executable, "-m", "babelcap.cli", "eval", "--dataset", f"xm3600:{root}"]
+        cmd += ["--languages", "en,pt", "--model", f"base={clip}", "--out", str(out)]
+        cmd += ["--tie-rule", "clip_benchmark", "--embedding-cache", str(cache)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "across languages" in done.stdout
+        return json.loads((out / "results.json").read_text())
+
+    first = run(tmp_path / "r1")["base"]
+    assert first["dataset"] == "xm3600" and first["tie_rule"] == "clip_benchmark"
+    assert first["contamination"]["checked"] and first["contamination"]["total"] == 0
+    assert first["languages"]["pt"]["captions"] == len(gold["pt"])
+    spread = first["summary"]["mean_recall"]["spread"]
+    means = [first["languages"][lang]["mean_recall"] for lang in ("en", "pt")]
+    assert spread == pytest.approx(max(means) - min(means))
+    records = [json.loads(x) for x in (tmp_path / "r1" / "clip_benchmark.jsonl").open()]
+    assert [(r["dataset"], r["language"], r["task"]) for r in records] == [
+        ("crossmodal3600", "en", "zeroshot_retrieval"),
+        ("crossmodal3600", "pt", "zeroshot_retrieval"),
+    ]
+    assert records[1]["metrics"]["image_retrieval_recall@5"] == pytest.approx(
+        first["languages"]["pt"]["t2i_r5"] / 100
+    )
+    cached = sorted(p.name.rsplit("-", 1)[0] for p in cache.rglob("*.npy"))
+    assert cached == ["images", "texts-en", "texts-pt"]  # one model folder, one entry each
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
+    again = run(tmp_path / "r2")["base"]  # from the cache: same figures, nothing rewritten
+    assert again["languages"] == first["languages"]
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")} == stamps
