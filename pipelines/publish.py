@@ -310,7 +310,7 @@ def remove_unit_files(output: str, name: str, record: Mapping[str, Any] | None =
 
 
 _UNIT_DATA = re.compile(r"^unit-\d{5}(-v\d+)?$")
-_UNIT_DEAD = re.compile(r"^unit-\d{5}\.parquet$")
+_UNIT_DEAD = re.compile(r"^unit-\d{5}(-v\d+)?\.parquet$")
 
 
 def remove_unreferenced(output: str, records: list[Mapping[str, Any]]) -> None:
@@ -342,11 +342,13 @@ def commit_unit(
     record: dict[str, Any],
     data_name: str | None = None,
     keep_files: list[dict[str, Any]] = (),
+    dead_name: str | None = None,
 ) -> None:
     """Move a finished staged unit into OUTPUT and write its record (the commit, last).
     `data_name`: the data folder (a new version of a committed unit: `unit-N-vK`);
     `keep_files`: entries of the unit's earlier record that stay (its dead letters)."""
     data_name = data_name or name
+    dead_name = dead_name or name
     if data_name == name:
         remove_unit_files(output, name)  # leftovers of a killed commit of this unit
     staged_data = FileSystems.join(staging_unit, DATA_DIR)
@@ -364,12 +366,12 @@ def commit_unit(
         else:
             os.rename(staged_data, target)  # one step: a glob sees all of the unit or none
     dead = FileSystems.join(staging_unit, DEAD_LETTER_FILE)
-    dead_target = FileSystems.join(output, DEAD_LETTER_DIR, f"{name}.parquet")
+    dead_target = FileSystems.join(output, DEAD_LETTER_DIR, f"{dead_name}.parquet")
     for f in record["files"]:
         if f["kind"] == "shard":
             files.append({**f, "path": f"{DATA_DIR}/{data_name}/{f['name']}"})
         else:
-            files.append({**f, "path": f"{DEAD_LETTER_DIR}/{name}.parquet"})
+            files.append({**f, "path": f"{DEAD_LETTER_DIR}/{dead_name}.parquet"})
     files += list(keep_files)
     if FileSystems.exists(dead):
         _mkdirs(FileSystems.join(output, DEAD_LETTER_DIR))

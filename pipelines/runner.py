@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from babelcap.core.shards import DATA_DIR, STAGING_DIR, committed_units
 from babelcap.pipelines import accounting, card, publish, units
 from babelcap.pipelines.builder import build
 from babelcap.pipelines.options import AugmentConfig
-from babelcap.pipelines.sinks import unit_folder
+from babelcap.pipelines.sinks import DEAD_LETTER_FILE, unit_folder
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,7 @@ def _fs(output: str) -> tuple[Any, str]:
     return pafs.LocalFileSystem(), output
 
 
-def _read_parquet(path: str, columns: list[str]) -> Any:
-    import io
-
+def _read_parquet(path: str, columns: list[str] | None) -> Any:
     import pyarrow.parquet as pq
 
     with FileSystems.open(path, compression_type="uncompressed") as f:
@@ -362,6 +361,13 @@ def _run_locked(
             config, output, staging, models, missing, committed, options, echo
         )
         _write_outputs(output, config, root, fs, needed, extra=None)
+    if config.retry_failed and not replace:
+        retried, retry_metrics = _retry_failed(
+            config, output, staging, models, languages, committed, present, options, echo
+        )
+        this_run += retried
+        metrics = _merge_metrics(metrics, retry_metrics)
+        _write_outputs(output, config, root, fs, needed, extra=None)
     log.info(
         "augment run %s: %d of %d units to compute, runner %s, staging %s",
         run_id,
@@ -505,9 +511,9 @@ def _version_name(unit: int, files: list[dict[str, Any]]) -> str:
     """The next data folder of a committed unit: unit-N-v1, unit-N-v2, ..."""
     versions = [0]
     for f in files:
-        folder = f["path"].split("/")[1] if f["kind"] == "shard" else ""
-        if "-v" in folder:
-            versions.append(int(folder.rsplit("-v", 1)[1]))
+        part = f["path"].split("/")[1].removesuffix(".parquet")
+        if "-v" in part:
+            versions.append(int(part.rsplit("-v", 1)[1]))
     return f"{units.unit_name(unit)}-v{max(versions) + 1}"
 
 
@@ -592,6 +598,155 @@ def _add_languages(
                     committed[u] = publish.read_json_file(publish.unit_record_path(output, name))
                     done.append(committed[u])
                 progress.update(len(wave))
+    finally:
+        progress.close()
+    return done, metrics
+
+
+def _transient_refs(output: str, record: Mapping[str, Any]) -> set[str]:
+    """Input references of a committed unit's dead letters of transient kinds."""
+    from babelcap.pipelines.deadletter import is_transient
+
+    refs: set[str] = set()
+    for f in record["files"]:
+        if f["kind"] == "dead_letter":
+            table = _read_parquet(FileSystems.join(output, f["path"]), ["input_ref", "error_kind"])
+            for ref, kind in zip(
+                table["input_ref"].to_pylist(), table["error_kind"].to_pylist(), strict=True
+            ):
+                if is_transient(kind):
+                    refs.add(ref)
+    return refs
+
+
+def _retry_failed(
+    config: AugmentConfig,
+    output: str,
+    staging: str,
+    models: dict[str, Any],
+    languages: tuple[str, ...],
+    committed: dict[int, dict[str, Any]],
+    present: set[str],
+    options: PipelineOptions,
+    echo: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Reprocess only the committed inputs dead-lettered with transient kinds; each unit with
+    any is committed again as a new version: its other rows and dead letters as they were,
+    the retried inputs' new rows or dead letters in place of the old ones."""
+    from babelcap.core.shards import write_shard
+    from babelcap.pipelines.sinks import split_name, write_split
+
+    retry = {u: refs for u, r in committed.items() if (refs := _transient_refs(output, r))}
+    done: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {}
+    progress = tqdm(total=len(retry), unit="unit", desc="retry failed", disable=not echo)
+    try:
+        for wave in units.waves(sorted(retry), config.units_per_wave):
+            unit_of = {ref: u for u in wave for ref in retry[u]}
+            pipeline = beam.Pipeline(options=options)
+            build(pipeline, config, staging, models, languages, unit_of, frozenset(present))
+            with worker_environment(options):
+                result = pipeline.run()
+                result.wait_until_finish()
+            metrics = _merge_metrics(metrics, _metrics(result))
+            for u in wave:
+                old = committed[u]
+                folder = unit_folder(staging, u)
+                staged = publish.read_staged_unit(folder)
+                rows: dict[str, list[dict]] = {}
+                for f in old["files"] + [
+                    {**f, "path": None} for f in staged["files"] if f["kind"] == "shard"
+                ]:
+                    if f["kind"] != "shard":
+                        continue
+                    path = (
+                        FileSystems.join(output, f["path"])
+                        if f["path"]
+                        else FileSystems.join(folder, DATA_DIR, f["name"])
+                    )
+                    for row in _read_parquet(path, None).to_pylist():
+                        rows.setdefault(split_name(row["split"]), []).append(row)
+                dead_rows = [
+                    d
+                    for f in old["files"]
+                    if f["kind"] == "dead_letter"
+                    for d in _read_parquet(FileSystems.join(output, f["path"]), None).to_pylist()
+                    if d["input_ref"] not in retry[u]
+                ]
+                for f in staged["files"]:
+                    if f["kind"] == "dead_letter":
+                        dead_rows += _read_parquet(
+                            FileSystems.join(folder, f["name"]), None
+                        ).to_pylist()
+                merged = FileSystems.join(staging, f"{units.unit_name(u)}-retried")
+                files = []
+                for split, split_rows in sorted(rows.items()):
+                    files += write_split(
+                        FileSystems.join(merged, DATA_DIR),
+                        split,
+                        split_rows,
+                        schema.shard_schema(config.to_dict(), models),
+                        config.num_shards,
+                        config.rows_per_shard,
+                    )
+                if dead_rows:
+                    buf = io.BytesIO()
+                    dead_rows.sort(key=lambda r: (r["input_ref"], r["stage"], r["error_kind"]))
+                    write_shard(
+                        buf, dead_rows, kind=schema.KIND_DEAD_LETTER, config=config.to_dict()
+                    )
+                    path = FileSystems.join(merged, DEAD_LETTER_FILE)
+                    with FileSystems.create(path) as fh:
+                        fh.write(buf.getvalue())
+                    files.append(
+                        {
+                            "name": DEAD_LETTER_FILE,
+                            "kind": "dead_letter",
+                            "rows": len(dead_rows),
+                            "bytes": len(buf.getvalue()),
+                        }
+                    )
+                dead_counts: dict[str, int] = {}
+                for d in dead_rows:
+                    key = f"{d['stage']}/{d['error_kind']}"
+                    dead_counts[key] = dead_counts.get(key, 0) + 1
+                n_rows = sum(len(v) for v in rows.values())
+                books = accounting.balance(
+                    {accounting.INPUTS: old["accounting"]["inputs"]},
+                    n_rows,
+                    len(dead_rows),
+                    accounting.duplicates_in(dead_counts),
+                )
+                ids, splits, captions = _unit_contents(FileSystems.join(merged, DATA_DIR), files)
+                present |= ids
+                retried = {f"retry.{k}": v for k, v in staged["stats"].items()}
+                record = {
+                    **old,
+                    "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    "retried": len(retry[u]),
+                    "accounting": books,
+                    "dead_letters": dict(sorted(dead_counts.items())),
+                    "splits": splits,
+                    "captions": captions,
+                    "stats": _sum([old["stats"], retried]),
+                    "files": files,
+                }
+                name = units.unit_name(u)
+                version = _version_name(u, old["files"])
+                publish.commit_unit(
+                    output, merged, name, record, data_name=version, dead_name=version
+                )
+                new = publish.read_json_file(publish.unit_record_path(output, name))
+                stale = {f["path"] for f in old["files"]} - {f["path"] for f in new["files"]}
+                paths = [FileSystems.join(output, p) for p in sorted(stale)]
+                FileSystems.delete([p for p in paths if FileSystems.exists(p)])
+                if "://" not in output:
+                    for p in paths:
+                        with contextlib.suppress(OSError):
+                            os.rmdir(os.path.dirname(p))
+                committed[u] = new
+                done.append(new)
+            progress.update(len(wave))
     finally:
         progress.close()
     return done, metrics

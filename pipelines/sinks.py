@@ -88,18 +88,33 @@ class _WriteUnitSplit(beam.DoFn):
 
     def process(self, item: tuple[tuple[int, str], Iterable[dict]]) -> Iterator[Any]:
         (unit, split), rows = item
-        rows = sorted(rows, key=lambda r: r["image_id"])
-        total = min(len(rows), self.num_shards or math.ceil(len(rows) / self.rows_per_shard))
-        total = max(1, total)
         folder = FileSystems.join(unit_folder(self.staging, unit), DATA_DIR)
-        for i in range(total):
-            part = rows[i * len(rows) // total : (i + 1) * len(rows) // total]
-            name = shard_name(split, i, total)
-            size = write_parquet(FileSystems.join(folder, name), part, self.arrow_schema)
-            yield (
-                unit,
-                {"name": name, "split": split, "kind": "shard", "rows": len(part), "bytes": size},
-            )
+        for info in write_split(
+            folder, split, rows, self.arrow_schema, self.num_shards, self.rows_per_shard
+        ):
+            yield unit, info
+
+
+def write_split(
+    folder: str,
+    split: str,
+    rows: Iterable[dict],
+    arrow_schema,
+    num_shards: int | None,
+    rows_per_shard: int,
+) -> list[dict[str, Any]]:
+    """One unit's rows of one split -> its files (sorted by image_id, consecutive cuts)."""
+    rows = sorted(rows, key=lambda r: r["image_id"])
+    total = max(1, min(len(rows), num_shards or math.ceil(len(rows) / max(1, rows_per_shard))))
+    out = []
+    for i in range(total):
+        part = rows[i * len(rows) // total : (i + 1) * len(rows) // total]
+        name = shard_name(split, i, total)
+        size = write_parquet(FileSystems.join(folder, name), part, arrow_schema)
+        out.append(
+            {"name": name, "split": split, "kind": "shard", "rows": len(part), "bytes": size}
+        )
+    return out
 
 
 class _WriteUnitDead(beam.DoFn):

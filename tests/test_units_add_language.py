@@ -5,6 +5,7 @@ fast; its output is gibberish, so the language and degenerate checks are off."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -73,3 +74,42 @@ def test_add_a_language_translates_only(tmp_path):
     # Removing a language is another configuration.
     with pytest.raises(ConfigMismatchError, match="languages"):
         run(cfg("es"), workers=1, echo=False)
+
+
+def test_retry_failed_turns_transient_failures_into_rows(tmp_path):
+    """A real transient read failure (EIO: the image path is a link to /proc/self/mem) is a
+    `read_error` dead letter; once the file is readable, --retry-failed makes it a row and
+    leaves the permanent failures and every other row as they were."""
+    import os
+
+    manifest = make_inputs(tmp_path / "in", 5, missing=1)
+    flaky = tmp_path / "in" / "images" / "flaky.png"
+    os.symlink("/proc/self/mem", flaky)
+    with open(manifest, "a") as f:
+        f.write(json.dumps({"image_path": str(flaky), "caption": "a flaky little square"}) + "\n")
+    out = tmp_path / "out"
+    cfg = AugmentConfig(input=str(manifest), output=str(out), unit_size=4)
+    first = run(cfg, workers=1, echo=False)
+    kinds = first["dead_letters"]
+    assert kinds == {"read/missing_file": 1, "read/read_error": 1}, kinds
+    before = _rows(out)
+
+    flaky.unlink()  # the storage recovers
+    from PIL import Image
+
+    Image.new("RGB", (24, 24), (9, 99, 199)).save(flaky)
+    retried = run(cfg.updated({"retry_failed": True}), workers=1, echo=False)
+    assert retried["dead_letters"] == {"read/missing_file": 1}
+    assert retried["accounting"] == {
+        "inputs": 7,
+        "rows_written": 6,
+        "dead_lettered": 1,
+        "duplicates_dropped": 0,
+        "balanced": True,
+    }
+    after = _rows(out)
+    assert [r for r in after if r["image_id"] in {b["image_id"] for b in before}] == before
+    (new,) = [r for r in after if r["source_uri"] == str(flaky)]
+    assert new["captions"][0]["text"] == "a flaky little square"
+    assert retried["this_run"]["units"] == 1  # only the unit that held the failure
+    assert len(list(out.glob("data/*/*.parquet"))) == len(find_shards(out).files)

@@ -57,6 +57,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("units_per_wave", group=IO),
     Flag("max_dead_letter_share", group=IO),
     Flag("overwrite", group=IO),
+    Flag("retry_failed", group=IO),
     Flag("captioner.model", "--captioner", group=CAPTIONING),
     Flag("captioner.model_class", "--captioner-class", group=CAPTIONING),
     Flag("captioner.num_captions", "--num-captions", group=CAPTIONING),
