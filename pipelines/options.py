@@ -243,6 +243,11 @@ class AugmentConfig(FrozenConfigModel):
         description="replace an output made with another configuration (swapped in only "
         "when the whole new run succeeded)",
     )
+    retry_failed: bool = Field(
+        False,
+        description="reprocess the committed inputs dead-lettered with transient kinds "
+        "(pipelines.deadletter.TRANSIENT_KINDS), turning those that now succeed into rows",
+    )
 
     @field_validator("languages", "image_extensions", mode="before")
     @classmethod
