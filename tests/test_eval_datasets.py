@@ -269,3 +269,64 @@ def test_eval_cli_on_xm3600_layout(world_dir, world_models, gold, tmp_path):
     again = run(tmp_path / "r2")["base"]  # from the cache: same figures, nothing rewritten
     assert again["languages"] == first["languages"]
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")} == stamps
+
+
+# ------------------------------------------------------------------ zero-shot from data files
+
+
+def write_imagefolder(world_dir: Path, root: Path, languages=("en", "pt")) -> int:
+    """The world's single-object test images in one folder per shape, class names per language
+    from the world's lexicon and its templates, as data files; returns the image count."""
+    from babelcap.world.eval_data import zero_shot_config
+    from babelcap.world.lexicon import class_names
+    from babelcap.world.load import load_scenes
+    from babelcap.world.scene import SHAPES
+
+    n = 0
+    for shape in SHAPES:  # every class, as the world's task has them, even without images
+        (root / "test" / shape).mkdir(parents=True, exist_ok=True)
+    for row in load_scenes(world_dir, "test"):
+        if len(row["scene"].objects) == 1:
+            shape = row["scene"].objects[0].shape
+            copy_image(world_dir, row, root / "test" / shape / Path(row["image_path"]).name)
+            n += 1
+    keys = sorted(p.name for p in (root / "test").iterdir())
+    names = {lang: [class_names(lang)["shape"][k] for k in keys] for lang in languages}
+    (root / "classnames.json").write_text(json.dumps(names, ensure_ascii=False))
+    templates = {lang: zero_shot_config()["templates"][lang] for lang in languages}
+    (root / "templates.json").write_text(json.dumps(templates, ensure_ascii=False))
+    return n
+
+
+def test_imagefolder_reads_classes_and_templates_from_data_files(world_dir, tmp_path):
+    n = write_imagefolder(world_dir, tmp_path / "shapes")
+    data = load_eval_data(f"imagefolder:{tmp_path / 'shapes'},task=shape", ["en", "pt"])
+    task = data.zero_shot["shape"]
+    assert len(data.images) == len(task.labels) == n > 0 and data.texts == {"en": [], "pt": []}
+    keys = sorted(p.name for p in (tmp_path / "shapes" / "test").iterdir())
+    filled = [i for i, k in enumerate(keys) if any((tmp_path / "shapes" / "test" / k).iterdir())]
+    first = sorted((tmp_path / "shapes" / "test" / keys[filled[0]]).iterdir())[0]
+    assert data.images[0] == first and task.labels[0] == filled[0]
+    assert task.labels == sorted(task.labels) and task.labels[-1] == filled[-1]
+    # a language without templates in the dataset gets the shipped defaults (data too)
+    (tmp_path / "shapes" / "classnames.json").write_text(
+        json.dumps({k: {"en": k, "fr": k} for k in keys})
+    )
+    fr = load_eval_data(f"imagefolder:{tmp_path / 'shapes'}", ["fr"]).zero_shot["classes"]
+    assert fr.templates["fr"][0] == "une photo de {c}." and fr.classes["fr"] == keys
+    with pytest.raises(DatasetError, match="names in 'de'"):
+        load_eval_data(f"imagefolder:{tmp_path / 'shapes'}", ["de"])
+
+
+def test_imagefolder_zero_shot_equals_the_worlds_task(world_dir, world_models, tmp_path):
+    from babelcap.models.clip import load_clip
+    from babelcap.training.evaluate import evaluate
+
+    bundle = load_clip(str(world_models("clip-base")["clip-base"]))
+    write_imagefolder(world_dir, tmp_path / "shapes")
+    folder = load_eval_data(f"imagefolder:{tmp_path / 'shapes'},task=shape", ["en", "pt"])
+    got = evaluate(bundle, folder, training_images=None)["languages"]
+    want = evaluate(bundle, world(world_dir, ["en", "pt"]), training_images=None)["languages"]
+    for lang in ("en", "pt"):
+        assert got[lang]["zs_shape"] == pytest.approx(want[lang]["zs_shape"])
+        assert "t2i_r1" not in got[lang]  # no captions: classification only

@@ -304,20 +304,21 @@ def evaluate(
         "languages": {},
     }
     for lang, texts in data.texts.items():
-        if not texts:
-            continue
-        text_features = encoded(f"texts-{lang}", texts, lambda t=texts: encode_texts(bundle, t))
-        metrics = retrieval_metrics(
-            image_features, text_features, data.text_to_image[lang], texts, tie_rule
-        )
-        del text_features  # one language's captions in memory at a time
-        metrics["captions"] = len(texts)
-        if zero_shot:
+        metrics: dict[str, Any] = {}
+        if texts:
+            text_features = encoded(f"texts-{lang}", texts, lambda t=texts: encode_texts(bundle, t))
+            metrics = retrieval_metrics(
+                image_features, text_features, data.text_to_image[lang], texts, tie_rule
+            )
+            del text_features  # one language's captions in memory at a time
+            metrics["captions"] = len(texts)
+        if zero_shot:  # a classification dataset may have no captions at all
             for task_name, task in data.zero_shot.items():
                 acc = zero_shot_accuracy(bundle, image_features, task, lang)
                 if acc is not None:
                     metrics[f"zs_{task_name}"] = acc
-        result["languages"][lang] = metrics
+        if metrics:
+            result["languages"][lang] = metrics
     result["summary"] = language_summary(result["languages"])
     return result
 
