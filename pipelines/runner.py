@@ -224,6 +224,21 @@ def _sum(dicts: list[Mapping[str, int]]) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+def _stage_seconds(metrics: Mapping[str, Any], share: int) -> dict[str, float]:
+    """Model time per stage (RunInference batch latencies and loads, summed over workers),
+    split evenly over the `share` units of a wave."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        ns, _, name = key.partition("/")
+        if not ns.startswith("babelcap.") or not isinstance(value, dict):
+            continue
+        scale = {"inference_batch_latency_micro_secs": 1e6, "load_model_latency_milli_secs": 1e3}
+        if name in scale:
+            stage = ns.split(".", 1)[1]
+            out[stage] = round(out.get(stage, 0.0) + value["sum"] / scale[name] / share, 3)
+    return dict(sorted(out.items()))
+
+
 def _merge_metrics(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
@@ -390,8 +405,10 @@ def _run_locked(
             with worker_environment(options):
                 result = pipeline.run()
                 result.wait_until_finish()
-            metrics = _merge_metrics(metrics, _metrics(result))
+            wave_metrics = _metrics(result)
+            metrics = _merge_metrics(metrics, wave_metrics)
             wave_seconds = time.perf_counter() - wave_start
+            per_stage = _stage_seconds(wave_metrics, len(wave))
             wave_records = []
             for u in wave:
                 folder = unit_folder(staging, u)
@@ -419,6 +436,7 @@ def _run_locked(
                         "run_id": run_id,
                         "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                         "seconds": round(wave_seconds / len(wave), 3),
+                        "stage_seconds": per_stage,
                         "config": config.to_dict(),
                         "accounting": books,
                         "dead_letters": dead_counts,

@@ -46,9 +46,11 @@ def split_name(split: str | None) -> str:
     return re.sub(r"\W", "_", split) if split else DEFAULT_SPLIT
 
 
-def unit_folder(staging: str, unit: int) -> str:
-    from babelcap.pipelines.units import unit_name
+def unit_name(unit: int) -> str:
+    return f"unit-{unit:05d}"
 
+
+def unit_folder(staging: str, unit: int) -> str:
     return FileSystems.join(staging, unit_name(unit))
 
 

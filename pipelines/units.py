@@ -30,15 +30,14 @@ from apache_beam.io.filesystems import FileSystems
 
 from babelcap.core.shards import UNITS_DIR, read_json
 from babelcap.pipelines.options import AugmentConfig
+from babelcap.pipelines.sinks import unit_name
+
+__all__ = ["DropPresent", "KeepUnits", "Plan", "extend_plan", "list_inputs", "unit_name", "waves"]
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
 ALREADY_PRESENT = "already_present"  # dead-letter kind: the image is in a committed unit
-
-
-def unit_name(unit: int) -> str:
-    return f"unit-{unit:05d}"
 
 
 @dataclass(frozen=True)
