@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	# The world models build in the background, in parallel, while tests that need none run.
+	$(PY) -m pytest -q --build-world-models --durations=20
 
 demo: $(STAMP)
 	$(VENV)/bin/babelcap demo --dir $(DEMO_DIR)

@@ -2,12 +2,19 @@
 
 The world and its models are cached under `.cache/test-world` (keyed by the world's
 parameters, and per model by configuration through the models' build stamps), so a second
-`make test` reuses them; a fresh clone builds them once.
+`make test` reuses them; a fresh clone builds them once. `make test` passes
+`--build-world-models`: the models the suite needs are then built in a background process
+group, in parallel (one process per core), while the tests that need none run; a test that
+needs a model still building waits for it (the per-model build lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,25 +26,80 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The world models the suite uses, in the order it first needs them (most tests need
+# clip-base; test_demo comes early), the longest (M2M100) started early.
+SUITE_MODELS = ("clip-base", "m2m-multi", "captioner", "marian-en-pt", "m2m-to-en", "m2m-weak")
+_background: subprocess.Popen | None = None
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("BABELCAP_TEST_CACHE", REPO / ".cache"))
+
+
+def _test_world() -> Path:
+    from babelcap.world.build import TEST_WORLD, ensure_world
+    from babelcap.world.models import _locked
+
+    root = _cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / "test-world.lock"):  # sessions started together build it once
+        return ensure_world(root / "test-world", progress=False, **TEST_WORLD)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--build-world-models",
+        action="store_true",
+        help="build the test world's models in the background, in parallel (make test)",
+    )
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _background
+    config = session.config
+    if not config.getoption("build_world_models") or hasattr(config, "workerinput"):
+        return
+    world = _test_world()
+    (world / "models").mkdir(exist_ok=True)
+    with open(world / "models" / "background-build.log", "w") as log:
+        _background = subprocess.Popen(
+            [sys.executable, "-c", _BUILD_SCRIPT, str(world), *SUITE_MODELS],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: ended with its pool at the end
+        )
+
+
+_BUILD_SCRIPT = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+from babelcap.world.models.parallel import build_models_parallel
+build_models_parallel(sys.argv[1], only=sys.argv[2:])
+"""
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # The suite ended first (-x, -k): the models left half built are rebuilt next time.
+    if _background is not None and _background.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+            os.killpg(_background.pid, signal.SIGTERM)
+        _background.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")
 def world_dir() -> Path:
     """A small built world (same parameters every session, rebuilt only when they change)."""
-    from babelcap.world.build import TEST_WORLD, ensure_world
-
-    return ensure_world(_cache_root() / "test-world", **TEST_WORLD)
+    return _test_world()
 
 
 @pytest.fixture(scope="session")
 def world_models(world_dir: Path):
     """Build (or reuse) the world's models; call with the names a test needs."""
-    from babelcap.world.models import build_models, model_dir
+    from babelcap.world.models import model_dir
+    from babelcap.world.models.parallel import build_models_parallel
 
     def build(*names: str) -> dict[str, Path]:
-        build_models(world_dir, only=list(names))
+        build_models_parallel(world_dir, only=list(names))  # independent ones at once
         return {name: model_dir(world_dir, name) for name in names}
 
     return build
