@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# The world models build in the background, in parallel, while tests that need none run.
 test: $(STAMP)
-	# The world models build in the background, in parallel, while tests that need none run.
 	$(PY) -m pytest -q --build-world-models --durations=20
 
 demo: $(STAMP)

@@ -57,7 +57,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     global _background
     config = session.config
-    if not config.getoption("build_world_models") or hasattr(config, "workerinput"):
+    wanted = config.getoption("build_world_models") and not config.option.collectonly
+    if not wanted or hasattr(config, "workerinput"):  # xdist workers: the controller builds
         return
     world = _test_world()
     (world / "models").mkdir(exist_ok=True)
@@ -68,6 +69,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: ended with its pool at the end
         )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # While the models build, run first the test files that need none (whole files moved, so
+    # module fixtures are set up once; otherwise the order is pytest's).
+    if not config.getoption("build_world_models"):
+        return
+    needs = {item.module for item in items if "world_models" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: getattr(item, "module", None) in needs)
 
 
 _BUILD_SCRIPT = """
