@@ -89,19 +89,37 @@ def translation_report(
 
 
 def format_translation_report(report: dict[str, Any], examples: int = 5) -> list[str]:
-    """Text lines for `inspect`: a distribution table per language, then the lowest examples."""
+    """Markdown lines for `inspect`: the score distributions per language, then the lowest
+    examples (text from files goes through `inspect.cell`: no raw control characters)."""
+    from babelcap.pipelines.inspect import cell
+
     if not report:
         return []
-    lines = ["translation scores (per language: n, mean, p5 / p25 / p50 / p75 / p95):"]
+    qs = [f"p{round(100 * q)}" for q in QUANTILES]
+    lines = [
+        "",
+        "| language | score | n (of translations) | mean | " + " | ".join(qs) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(qs),
+    ]
     for lang, r in report.items():
-        lines.append(f"  {lang}: {r['scored']} of {r['translations']} translations scored")
         for s in SIGNALS:
             d = r[s]
             if d["n"]:
-                qs = " / ".join(f"{d[f'p{round(100 * q)}']:.3f}" for q in QUANTILES)
-                lines.append(f"    {s:<20} n={d['n']:<6} mean={d['mean']:.3f}  {qs}")
-        for e in r["lowest"][:examples]:
-            lines.append(
-                f"    low {e['translation_score']:.3f}: {e['source']!r} -> {e['translation']!r}"
-            )
+                values = " | ".join(f"{d[q]:.3f}" for q in qs)
+                lines.append(
+                    f"| {cell(lang)} | {s} | {d['n']} ({r['translations']}) | {d['mean']:.3f} "
+                    f"| {values} |"
+                )
+    low = [(lang, e) for lang, r in report.items() for e in r["lowest"][:examples]]
+    if low:
+        lines += [
+            "",
+            "| language | lowest translation_score | source | translation |",
+            "|---|---:|---|---|",
+        ]
+        lines += [
+            f"| {cell(lang)} | {e['translation_score']:.3f} | {cell(e['source'])} | "
+            f"{cell(e['translation'])} |"
+            for lang, e in low
+        ]
     return lines
