@@ -120,3 +120,20 @@ def test_one_job_or_one_model_builds_in_this_process(toy_models, monkeypatch):
     assert _builds(src) == [{"name": "toy-a", "pid": os.getpid()}]
     with pytest.raises(ValueError, match="jobs"):
         build_models_parallel(world, only=["toy-a"], jobs=0)
+
+
+def test_a_spec_replaced_at_run_time_is_the_one_built(toy_models, monkeypatch):
+    """The child builds the parent's spec, even under the name of a default model (whose
+    module registers the default on import in the child)."""
+    world, src = toy_models
+    wm._register_all()
+    spec = wm.ModelSpec("captioner", "toybuilder:build", {"name": "captioner", "meet": ["toy-a"]})
+    monkeypatch.setitem(wm.MODELS, "captioner", spec)
+    monkeypatch.setitem(
+        wm.MODELS,
+        "toy-a",
+        wm.ModelSpec("toy-a", "toybuilder:build", {"name": "toy-a", "meet": ["captioner"]}),
+    )
+    stamps = build_models_parallel(world, only=["toy-a", "captioner"], jobs=2)
+    assert stamps["captioner"]["summary"] == {"name": "captioner"}
+    assert sorted(b["name"] for b in _builds(src)) == ["captioner", "toy-a"]

@@ -55,7 +55,8 @@ def _build_one(
 ) -> dict[str, Any]:
     """In a child process: build model `name` (its requirements are built already)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(message)s")
-    for spec in specs:  # the parent's registry (a spec registered at run time included)
+    _register_all()  # first: importing the model modules registers their default specs
+    for spec in specs:  # then the parent's (a spec replaced at run time included)
         register(spec)
     return build_models(world_dir, only=[name], force=force, overrides=overrides)[name]
 
