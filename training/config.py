@@ -108,6 +108,13 @@ class DataConfig(ConfigModel):
     batch_size: int = Field(64, ge=1)
     shuffle_buffer: int = Field(2048, ge=0)
     num_workers: int = Field(0, ge=0)
+    streams: int | None = Field(
+        None,
+        ge=1,
+        description="streams the row groups are dealt to, batch_size / streams samples of each "
+        "per global batch (None: one per process); the same value gives the same batches on "
+        "any number of processes dividing it",
+    )
     drop_last: bool = True
     augment: bool = Field(False, description="open_clip's training transform, not the eval one")
 
@@ -288,6 +295,12 @@ class RunConfig(ConfigModel):
         True, description="write export/ (merged open_clip) and adapter/ (peft) at the end"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    release_memory: bool = Field(
+        True,
+        description="return freed tensor memory to the OS (glibc) and map the CPU weights from "
+        "a .safetensors checkpoint instead of copying them (frozen weights cost only the pages "
+        "read)",
+    )
     record_training_images: bool = Field(
         True,
         description="write training_images.parquet (ids + perceptual hashes of the images "

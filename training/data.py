@@ -8,6 +8,12 @@ images, or the precomputed image embeddings), so the main process only trains.
 
 The stream is a pure function of (seed, epoch, batch index): `skip_batches` lets a resumed run
 continue with exactly the batches the interrupted run would have seen.
+
+Several processes (torchrun): the row groups are dealt to `streams` streams (default: one per
+rank) and every global batch takes `batch_size / streams` samples from each stream; rank r reads
+only its own streams' row groups. The global batches depend on `streams`, not on how many ranks
+read them, so a run on N processes sees the same batches as one process with the same `streams`
+(and, with more than one stream, every stream stops at the same batch: the ranks stay in step).
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ class StreamConfig:
     with_source: bool = False
     drop_last: bool = True
     splits: tuple[str, ...] | None = ("train",)  # None: every row
+    streams: int | None = None  # None: one per rank (see the module docstring)
 
 
 def split_filter(splits: Sequence[str] | None) -> Any:
@@ -150,10 +157,68 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already consumed (resume)
+        self.streams = config.streams or world_size
+        if self.streams % world_size:
+            raise ValueError(
+                f"data.streams={self.streams} must be a multiple of the number of "
+                f"processes ({world_size}): each rank reads the same number of streams"
+            )
+        if config.batch_size % self.streams:
+            raise ValueError(
+                f"data.batch_size={config.batch_size} must be a multiple of data.streams="
+                f"{self.streams} (each global batch takes the same share of every stream; "
+                "with several processes the default is one stream per process)"
+            )
+        if self.streams > 1 and not config.drop_last:
+            raise ValueError(
+                "data.drop_last=false needs one stream (one process): with several, every "
+                "stream must yield the same number of full batches"
+            )
+        self._unit_samples: dict[tuple[str, int], int] | None = None
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch = epoch
         self.skip_batches = skip_batches
+        if self.streams > 1 and self._unit_samples is None:
+            # Counted once, in the main process (DataLoader workers get a copy): every rank
+            # needs every stream's length to stop at the same batch.
+            self._unit_samples = self._count_samples()
+
+    def _count_samples(self) -> dict[tuple[str, int], int]:
+        """Samples each row group gives (rows with a chosen caption; captions in "all" mode)."""
+        fmt = ds.ParquetFileFormat()
+        counts: dict[tuple[str, int], int] = {}
+        for path, rg in sorted(self._units()):
+            frag = fmt.make_fragment(path, filesystem=self.shards.fs, row_groups=[rg])
+            table = frag.to_table(columns=["captions"], filter=split_filter(self.cfg.splits))
+            n = 0
+            for captions in table.column("captions").to_pylist():
+                chosen = len(self.selection.select(captions or []))
+                n += min(chosen, 1) if self.cfg.caption_mode == "one" else chosen
+            counts[(path, rg)] = n
+        return counts
+
+    def _epoch_batches(self, units: list[tuple[str, int]], n_workers: int) -> int | None:
+        """Global batches this epoch when there are several streams (None: until the data ends).
+
+        Global batch j is batch j // W of worker j % W (DataLoader round robin), made of one chunk
+        of each stream's (stream, worker) slot: the epoch ends at the first j some slot cannot
+        fill, on every rank alike."""
+        if self.streams == 1:
+            return None
+        if self._unit_samples is None:
+            self._unit_samples = self._count_samples()
+        chunk = self.cfg.batch_size // self.streams
+        total = self.streams * n_workers
+        limit = None
+        for w in range(n_workers):
+            full = min(
+                sum(self._unit_samples[u] for u in units[s * n_workers + w :: total]) // chunk
+                for s in range(self.streams)
+            )
+            end = full * n_workers + w
+            limit = end if limit is None else min(limit, end)
+        return limit
 
     # -- units of work: (file, row group), shuffled per epoch
     def _units(self) -> list[tuple[str, int]]:
@@ -224,6 +289,18 @@ class ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
+    def _chunks(self, units: list[tuple[str, int]], slot: int, size: int) -> Iterator[list]:
+        """One slot's samples (its row groups, shuffled with its own seed) in lists of `size`."""
+        rng = random.Random(f"{self.cfg.seed}:{self.epoch}:{slot}:rows")
+        chunk: list[dict[str, Any]] = []
+        for sample in self._shuffled(self._samples(units, rng), rng):
+            chunk.append(sample)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk  # a partial last chunk: kept only with one stream and drop_last=false
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         n_workers = info.num_workers if info is not None else 1
@@ -232,21 +309,24 @@ class ShardStream(IterableDataset):
         # the part of original worker (w + B) % W so the batch order is exactly the original one.
         played = (worker + self.skip_batches) % n_workers
         skip = max(0, (self.skip_batches - played + n_workers - 1) // n_workers)
-        total = n_workers * self.world_size
-        slot = self.rank * n_workers + played
-        units = self._units()[slot::total]
-        rng = random.Random(f"{self.cfg.seed}:{self.epoch}:{slot}:rows")
-        batch: list[dict[str, Any]] = []
-        produced = 0
-        for sample in self._shuffled(self._samples(units, rng), rng):
-            batch.append(sample)
-            if len(batch) == self.cfg.batch_size:
-                if produced >= skip:
-                    yield self.collate(batch)
-                produced += 1
-                batch = []
-        if batch and not self.cfg.drop_last and produced >= skip:
-            yield self.collate(batch)
+        all_units = self._units()
+        limit = self._epoch_batches(all_units, n_workers)
+        total = n_workers * self.streams
+        per_rank = self.streams // self.world_size
+        size = self.cfg.batch_size // self.streams
+        # This rank's streams, each read by this worker's slot of it: disjoint row groups.
+        slots = [
+            s * n_workers + played for s in range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        ]
+        chunks = [self._chunks(all_units[slot::total], slot, size) for slot in slots]
+        for produced, parts in enumerate(zip(*chunks, strict=False)):
+            if limit is not None and produced * n_workers + played >= limit:
+                break
+            batch = [sample for part in parts for sample in part]
+            if len(batch) < size * per_rank and self.cfg.drop_last:
+                break
+            if produced >= skip:
+                yield self.collate(batch)
 
     # -- batch assembly
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

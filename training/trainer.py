@@ -9,9 +9,14 @@ AdamW + cosine schedule with warmup, gradient accumulation and clipping, autocas
 GPU), gradient checkpointing, a tqdm bar (loss / lr / throughput), metrics JSONL and a curve
 PNG, safetensors checkpoints with optimizer state, and exact resume (same data order onward).
 
-Several GPUs: launch the same command with `torchrun --nproc_per_node N -m babelcap.cli train
-...` (or `accelerate launch`, which sets the same environment); each rank reads its share of the
-shards, DDP averages gradients and `ClipLoss` gathers features across ranks.
+Several processes (GPUs, or CPU with gloo): launch the same command with `torchrun
+--nproc_per_node N -m babelcap.cli train ...`. Each rank reads its own streams of row groups
+(`data.streams`, `training.data`), DDP averages the gradients and `ClipLoss` gathers the features
+of every rank with their gradients, so a step is the single-process step on the global batch;
+rank 0 alone writes checkpoints, metrics and exports.
+
+With cached image embeddings (a fully locked image tower) the image tower is offloaded for the
+whole run (written to a temporary file, its memory freed) and put back before the export.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -75,9 +81,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher (torchrun) started for this run (1: not distributed)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun / accelerate's environment."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size > 1:
         import torch.distributed as dist
 
@@ -116,6 +127,76 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def release_freed_memory() -> bool:
+    """Make freed tensor memory go back to the OS (glibc): large blocks are always mmap'ed, so
+    the transient activations of a step leave no retained heap behind and the process's memory
+    is what training holds (glibc otherwise raises its mmap threshold to the largest block
+    freed and keeps such blocks, a step's activations, in the heap). False where not glibc."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 256 * 1024) == 1
+    return ok and libc.mallopt(m_trim_threshold, 1024 * 1024) == 1
+
+
+def map_frozen_weights(model: torch.nn.Module, checkpoint: str | Path | None) -> int:
+    """Point the model's CPU weights at the memory-mapped safetensors checkpoint they were loaded
+    from (copy-on-write: weights that train get their own pages when first updated; the file is
+    never written). Frozen weights then cost only the pages a step reads: most of a large
+    vocabulary's embedding matrix is never resident, and processes on one machine share the
+    rest. Call before wrapping the model (names as in the checkpoint); returns the bytes mapped."""
+    if checkpoint is None or Path(str(checkpoint)).suffix != ".safetensors":
+        return 0
+    if not Path(str(checkpoint)).is_file():
+        return 0
+    weights = load_file(str(checkpoint))  # lazily mapped, nothing read yet
+    mapped = 0
+    for name, param in model.named_parameters():
+        key = name if name in weights else f"module.{name}"
+        src = weights.get(key)
+        if (
+            src is not None
+            and param.device.type == "cpu"
+            and src.shape == param.shape
+            and src.dtype == param.dtype
+        ):
+            param.data = src
+            mapped += src.numel() * src.element_size()
+    return mapped
+
+
+class OffloadedTower(torch.nn.Module):
+    """Stands in for an image tower a run does not need (it trains on cached embeddings)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError(
+            "the image tower is offloaded: this run trains on the shards' cached image "
+            "embeddings (data.embeddings=never reads images instead)"
+        )
+
+
+def offload_image_tower(
+    model: torch.nn.Module, keep: bool = True
+) -> tuple[torch.nn.Module, Path | None]:
+    """Replace `model.visual` by an `OffloadedTower` and free the tower's memory; with `keep`
+    its weights go to a temporary safetensors file first. Returns (the emptied tower, file)."""
+    visual = model.visual
+    path = None
+    if keep:
+        fd, name = tempfile.mkstemp(prefix="babelcap-image-tower-", suffix=".safetensors")
+        os.close(fd)
+        path = Path(name)
+        save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, str(path))
+    visual.to("meta")  # the weights' memory is released here
+    model.visual = OffloadedTower()
+    return visual, path
+
+
 def checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / CKPT_DIR
     if not root.exists():
@@ -141,6 +222,8 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         seed_everything(cfg.run.seed)
 
+        if cfg.run.release_memory:
+            release_freed_memory()
         # The method first: a wrong method name or option fails before any model is loaded.
         self.method = self._build_method(method)
         if bundle is None:
@@ -151,6 +234,12 @@ class Trainer:
                 pretrained_text=cfg.model.pretrained_text,
             )
         self.bundle = bundle
+        # Hashed before the weights are mapped: reading the whole tower would make its pages of
+        # the mapped file resident for the run.
+        self._tower_id = image_tower_id(bundle.model) if cfg.data.embeddings != "never" else None
+        if cfg.run.release_memory and self.device.type == "cpu":
+            mapped = map_frozen_weights(bundle.model, bundle.pretrained)
+            log.info("%.0f MB of weights mapped from %s", mapped / 2**20, bundle.pretrained)
         model = self.method.setup(bundle.model)
         bundle.model = model
         locked = image_tower_locked(model)
@@ -178,13 +267,11 @@ class Trainer:
         )
         if self.rank == 0 and cfg.run.record_training_images:
             record_training_images(self.out, self.shards, cfg.data.splits, cfg.model.name)
-        if self.use_embeddings and self.device.type != "cpu" and self.world_size == 1:
-            # The image tower never runs: leave it in host memory, off the accelerator.
-            visual, model.visual = model.visual, torch.nn.Identity()
-            model.to(self.device)
-            model.visual = visual
-        else:
-            model.to(self.device)
+        tower_id = self._tower_id if self.use_embeddings else None
+        self._offloaded: tuple[torch.nn.Module, Path | None] | None = None
+        if self.use_embeddings:
+            self._offload_image_tower(model)
+        model.to(self.device)
         self.model: torch.nn.Module = model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -208,11 +295,12 @@ class Trainer:
                 seed=cfg.run.seed,
                 caption_mode=data.captions,
                 use_embeddings=self.use_embeddings,
-                expected_embedding_model=image_tower_id(model) if self.use_embeddings else None,
+                expected_embedding_model=tower_id,
                 image_root=data.image_root,
                 with_source=data.with_source,
                 drop_last=data.drop_last,
                 splits=tuple(data.splits) if data.splits is not None else None,
+                streams=data.streams,
             ),
             tokenizer=bundle.tokenizer,
             preprocess=bundle.preprocess_train if data.augment else bundle.preprocess_val,
@@ -277,11 +365,27 @@ class Trainer:
                     "(method.image_tower=locked, unlocked_groups=0)"
                 )
             return False, "not used (the image tower trains)"
-        tower = image_tower_id(self.bundle.model)
-        ok, why = detect_embeddings(self.shards, tower)
+        ok, why = detect_embeddings(self.shards, self._tower_id)
         if mode == "always" and not ok:
             raise ValueError(f"data.embeddings=always but {why}")
         return ok, why
+
+    def _offload_image_tower(self, model: torch.nn.Module) -> None:
+        """Free the image tower for the run (the embeddings replace it); rank 0 keeps its weights
+        in a temporary file to put it back for the export (`restore_image_tower`)."""
+        self._offloaded = offload_image_tower(model, keep=self.rank == 0)
+        log.info("image tower offloaded (cached embeddings): its memory is free for training")
+
+    def restore_image_tower(self) -> None:
+        """Put the offloaded image tower back (rank 0; before exporting the model)."""
+        if self._offloaded is None or self._offloaded[1] is None:
+            return
+        visual, path = self._offloaded
+        visual.to_empty(device=self.device)
+        visual.load_state_dict(load_file(str(path), device=str(self.device)))
+        self.raw_model.visual = visual
+        path.unlink(missing_ok=True)
+        self._offloaded = None
 
     @property
     def raw_model(self) -> torch.nn.Module:
@@ -389,6 +493,14 @@ class Trainer:
             finished_epoch = True
             for batch in loader:
                 got += 1
+                if log.isEnabledFor(logging.DEBUG):  # which rows each rank trains on
+                    log.debug(
+                        "rank %d step %d batch %d image_ids %s",
+                        self.rank,
+                        self.state.step,
+                        self.state.batch_in_epoch,
+                        ",".join(batch["image_ids"]),
+                    )
                 batch = self._to_device(batch)
                 micro += 1
                 sync = micro % accum == 0
@@ -424,7 +536,7 @@ class Trainer:
                 step = self.state.step
                 if step % cfg.run.log_every == 0 or step == max_steps:
                     elapsed = time.perf_counter() - window_start
-                    last_loss = window_loss / max(1, window_n)
+                    last_loss = self._mean_over_ranks(window_loss / max(1, window_n))
                     row = {
                         "step": step,
                         "epoch": self.state.epoch,
@@ -461,8 +573,19 @@ class Trainer:
         bar.close()
         return self.finish(last_loss)
 
+    def _mean_over_ranks(self, value: float) -> float:
+        """The mean of a per-rank number (each rank's loss is that of its share of the batch)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
     def finish(self, last_loss: float) -> dict[str, Any]:
         ckpt = self.save_checkpoint()
+        self.restore_image_tower()
         summary: dict[str, Any] = {
             "steps": self.state.step,
             "epochs": self.state.epoch,

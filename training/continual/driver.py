@@ -31,7 +31,7 @@ from babelcap.training.continual.vocabulary import extend_tokenizer, token_usage
 from babelcap.training.data import shard_captions
 from babelcap.training.lit import image_tower_locked
 from babelcap.training.plots import plot_accuracy_matrix
-from babelcap.training.trainer import Trainer
+from babelcap.training.trainer import Trainer, launched_world_size
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,12 @@ class ContinualRun:
     """Drives the stages: vocabulary, growth, training, evaluation, saving."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        if launched_world_size() > 1:
+            # Stages grow the vocabulary, evaluate and write between trainings: one process.
+            raise ValueError(
+                "continual learning runs in one process: launch it without torchrun "
+                f"(this launch has {launched_world_size()} processes)"
+            )
         self.cfg = cfg
         self.opts = ContinualOptions.from_options(cfg.method.options)
         self.languages = list(self.opts.languages or cfg.data.languages or [])
