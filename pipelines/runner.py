@@ -328,10 +328,9 @@ def _run_locked(
     fs, root = _fs(output)
     old_records = committed_units(root, fs)
     publish.remove_unreferenced(output, old_records)
+    # Only committed units hold rows to be compatible with (an output of the layout before
+    # units keeps its files, which readers no longer take once units are committed).
     old_configs = [r["config"] for r in old_records]
-    if not old_configs:
-        with contextlib.suppress(FileNotFoundError):
-            old_configs = [publish.read_manifest(output)["config"]]
     new_config = config.to_dict()
     diffs = sorted({d for old in old_configs for d in _differences(old, new_config)})
     if diffs and not config.overwrite:
