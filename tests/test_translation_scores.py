@@ -1,7 +1,11 @@
 """Translation quality scores with the world's real models (CTranslate2 translators, captioner,
 CLIP): a translation of another sentence scores below a faithful one; the pipeline drops junk
 alt-text before translating it, stores the scores in the shards (read back through
-`find_shards`), and counts what its filters drop."""
+`find_shards`), and counts what its filters drop.
+
+The forward translator is the world's weak one (`m2m-weak`, the same M2M100 architecture
+trained far less: cheap to build, and its translations are imperfect, which is what scores are
+for); round trips go through the world's reverse model `m2m-to-en`."""
 
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from babelcap.core.shards import find_shards
 def translators(world_models):
     from babelcap.translators import Translator
 
-    dirs = world_models("m2m-multi", "m2m-to-en")
-    return Translator(str(dirs["m2m-multi"] / "ct2")), Translator(str(dirs["m2m-to-en"] / "ct2"))
+    dirs = world_models("m2m-weak", "m2m-to-en")
+    return Translator(str(dirs["m2m-weak"] / "ct2")), Translator(str(dirs["m2m-to-en"] / "ct2"))
 
 
 def test_a_mismatched_source_scores_below_a_faithful_translation(world_dir, translators):
@@ -42,7 +46,7 @@ def test_a_mismatched_source_scores_below_a_faithful_translation(world_dir, tran
         assert wins >= 0.9 * len(sources), (signal, wins)
         assert sum(g) / len(g) > sum(b) / len(b)
     # The faithful round trip comes back close to the source.
-    assert sum(x.roundtrip_chrf for x in good) / len(good) > 0.8
+    assert sum(x.roundtrip_chrf for x in good) / len(good) > 0.5
     # A second call is answered by the translation memory, with the same numbers.
     hits = forward.memory.hits
     assert scorer.score(sources, faithful, "en", "pt") == good
@@ -64,7 +68,7 @@ def run(world_dir, world_models, tmp_path_factory):
     )
     from babelcap.pipelines.runner import run as run_augment
 
-    dirs = world_models("captioner", "m2m-multi", "m2m-to-en", "clip-base")
+    dirs = world_models("captioner", "m2m-weak", "m2m-to-en", "clip-base")
     root = tmp_path_factory.mktemp("scores")
     rows = [json.loads(x) for x in (world_dir / "manifest.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"][:10]
@@ -79,7 +83,7 @@ def run(world_dir, world_models, tmp_path_factory):
         languages=("pt",),
         captioner=CaptionerConfig(model=str(dirs["captioner"]), num_captions=3, batch_size=8),
         translator=TranslationStageConfig(
-            model=str(dirs["m2m-multi"] / "ct2"),
+            model=str(dirs["m2m-weak"] / "ct2"),
             reverse_model=str(dirs["m2m-to-en"] / "ct2"),
             batch_size=8,
         ),
@@ -145,4 +149,5 @@ def test_translation_report_gives_distributions_and_lowest_examples(run):
     assert low == sorted(low) and len(low) == 3
     assert low[0] == pytest.approx(pt["translation_score"]["p5"], abs=0.2)
     lines = format_translation_report(report)
-    assert any("roundtrip_chrf" in line for line in lines)
+    assert any("| pt | roundtrip_chrf |" in line for line in lines)
+    assert any(pt["lowest"][0]["translation"] in line for line in lines)
