@@ -246,7 +246,8 @@ class AugmentConfig(FrozenConfigModel):
     retry_failed: bool = Field(
         False,
         description="reprocess the committed inputs dead-lettered with transient kinds "
-        "(pipelines.deadletter.TRANSIENT_KINDS), turning those that now succeed into rows",
+        "(read errors: pipelines.deadletter.TRANSIENT_KINDS; model failures), turning those "
+        "that now succeed into rows",
     )
 
     @field_validator("languages", "image_extensions", mode="before")

@@ -620,9 +620,20 @@ def _add_languages(
     return done, metrics
 
 
-def _transient_refs(output: str, record: Mapping[str, Any]) -> set[str]:
-    """Input references of a committed unit's dead letters of transient kinds."""
+# A model's failed batch (out of memory, a worker lost mid-batch) may pass on another run.
+MODEL_FAILURE_KINDS = frozenset({"caption_failed", "clip_failed", "translate_failed"})
+
+
+def retryable(kind: str) -> bool:
+    """Dead letters `--retry-failed` reprocesses: the readers' transient kinds and model
+    failures; every other kind is permanent (the same input fails the same way)."""
     from babelcap.pipelines.deadletter import is_transient
+
+    return is_transient(kind) or kind in MODEL_FAILURE_KINDS
+
+
+def _transient_refs(output: str, record: Mapping[str, Any]) -> set[str]:
+    """Input references of a committed unit's dead letters of retryable kinds."""
 
     refs: set[str] = set()
     for f in record["files"]:
@@ -631,7 +642,7 @@ def _transient_refs(output: str, record: Mapping[str, Any]) -> set[str]:
             for ref, kind in zip(
                 table["input_ref"].to_pylist(), table["error_kind"].to_pylist(), strict=True
             ):
-                if is_transient(kind):
+                if retryable(kind):
                     refs.add(ref)
     return refs
 
