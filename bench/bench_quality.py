@@ -150,8 +150,10 @@ def filter_rows(
     median CLIP score of the alt-text (half of the world's alt-text is noise)."""
     rows: dict[str, Path] = {}
     for name, tr in (("", "m2m-multi"), (" [weak translator]", "m2m-weak")):
+        # Unfiltered runs with the good translator are the older rows' own (same folders).
+        suffix = "" if tr == "m2m-multi" else f"-{tr}"
         alt = augment(
-            world, out / f"aug-alt-{tr}", captioner=False, translator=tr, manifest=manifest
+            world, out / f"aug-alt{suffix}", captioner=False, translator=tr, manifest=manifest
         )
         cut = median_score(alt, "source")
         for base, kw in (
@@ -161,7 +163,7 @@ def filter_rows(
             tag = "alt" if base.startswith("alt") else "topk"
             none = {k: v for k, v in kw.items() if k != "source_min_score"}
             rows[f"{base}{name}, no filter"] = augment(
-                world, out / f"aug-{tag}-{tr}-none", translator=tr, manifest=manifest, **none
+                world, out / f"aug-{tag}{suffix}", translator=tr, manifest=manifest, **none
             )
             rows[f"{base}{name}, source filter"] = augment(
                 world,
