@@ -252,6 +252,32 @@ def test_rank_zero_alone_writes(runs):
     ]
 
 
+def test_accelerate_launch_is_the_same_two_process_run(runs, model_dir, text_dir, shards, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; on CPU too)."""
+    out = tmp_path / "accelerate"
+    config = _write_config(_config(model_dir, text_dir, shards, out), tmp_path / "run.yaml")
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    logs = _run(
+        [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "-m",
+            "babelcap.cli",
+            "-v",
+            "train",
+            "--config",
+            str(config),
+        ]
+    )
+    assert sorted(_rank_batches(logs)) == [0, 1]
+    single = _weights(runs["single"])
+    for name, value in _weights(out).items():
+        assert (value - single[name]).abs().max().item() <= ATOL, name
+
+
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and its workers (torchrun starts each worker in a session of its own)."""
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
