@@ -23,6 +23,7 @@ from test_publish import make_inputs
 from babelcap.core import schema
 from babelcap.core.shards import find_shards
 
+pytestmark = pytest.mark.slow  # whole augment runs in child processes
 N = 12  # 4 units of 3
 
 
