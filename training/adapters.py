@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,161 @@ def save_language_adapters(model: torch.nn.Module, out_dir: str | Path) -> dict[
         raise ValueError("this model has no adapters on its text tower")
     out = Path(out_dir)
     raw.text.save_pretrained(str(out), safe_serialization=True)
+    write_adapter_card(raw, out)
     return {n: (out if n == SHARED else out / n) for n in names}
+
+
+# ----------------------------------------------------------------------------- model card
+
+CARD_FILE = "README.md"
+
+
+def logical_base_name(model: torch.nn.Module) -> str | None:
+    """A name for the base model that does not depend on where it lies: the base CLIP's folder
+    name for a local text tower (`.../clip-base/text` -> `clip-base`), a Hub id as it is."""
+    raw = unwrap(model)
+    text = raw.text.get_base_model() if language_adapters(raw) else raw.text
+    config = getattr(text, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or "")
+    if not name:
+        return None
+    if not (Path(name).is_absolute() or Path(name).exists()):
+        return name  # a Hub id (or another logical name already)
+    path = Path(name)
+    return path.parent.name if path.name in ("text", "") else path.name
+
+
+def _run_info(run_dir: Path | None) -> dict[str, Any]:
+    """What the trainer left in its run folder: the configuration and the last metrics row."""
+    info: dict[str, Any] = {}
+    if run_dir is None:
+        return info
+    config, metrics = Path(run_dir) / "config.yaml", Path(run_dir) / "metrics.jsonl"
+    if config.is_file() and config.stat().st_size < 1_000_000:
+        import yaml
+
+        with suppress(yaml.YAMLError):
+            info["config"] = yaml.safe_load(config.read_text()) or {}
+    if metrics.is_file():
+        import json
+
+        with metrics.open("rb") as f:
+            f.seek(max(0, metrics.stat().st_size - 65_536))
+            lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        with suppress(ValueError):
+            info["last_metrics"] = json.loads(lines[-1]) if lines else None
+    return info
+
+
+def _portable(path: Any) -> str:
+    """A data path without this machine's folders: its last two components."""
+    text = str(path)
+    if "://" in text or not Path(text).is_absolute():
+        return text
+    return "/".join(Path(text).parts[-2:])
+
+
+def write_adapter_card(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    base_model: str | None = None,
+    run_dir: str | Path | None = None,
+) -> Path:
+    """Write the adapter's model card (`README.md`, replacing peft's empty template) and record
+    the logical base model name in every `adapter_config.json` of the folder.
+
+    `base_model_name_or_path` is a name, not a path (the folder moves): load the base yourself
+    (`babelcap.models.clip.load_clip(PATH)`) and attach the adapter to its text tower, as the
+    card shows. The card: base model, languages, adapter kind/rank/targets/size, the data
+    (shard folders by name, languages, origins, splits) and the training metrics, read from the
+    run folder (`run_dir`, default the folder above `out_dir`, where the trainer writes it).
+    """
+    import json
+
+    raw = unwrap(model)
+    out = Path(out_dir)
+    base = base_model or logical_base_name(raw) or "unknown"
+    for cfg_path in [out / CONFIG_FILE, *out.glob(f"*/{CONFIG_FILE}")]:
+        if cfg_path.is_file():
+            data = json.loads(cfg_path.read_text())
+            data["base_model_name_or_path"] = base
+            cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    run = _run_info(Path(run_dir) if run_dir is not None else out.parent)
+    cfg = run.get("config") or {}
+    data_cfg, optim = cfg.get("data") or {}, cfg.get("optim") or {}
+    names = language_adapters(raw)
+    per_language = [n for n in names if n != SHARED]
+    languages = per_language or list(data_cfg.get("languages") or [])
+    peft_cfgs = raw.text.peft_config
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {json.dumps(base)}",
+        "tags: [babelcap, clip, open_clip, "
+        + ", ".join(sorted({c.peft_type.value.lower() for c in peft_cfgs.values()}))
+        + "]",
+    ]
+    if languages:
+        lines.append("language: [" + ", ".join(json.dumps(x) for x in languages) + "]")
+    lines += [
+        "---",
+        "",
+        f"# babelcap adapter for `{base}`" + (f" ({', '.join(languages)})" if languages else ""),
+        "",
+        "A parameter-efficient adapter on the Hugging Face text tower of an open_clip CLIP model, "
+        "trained by babelcap. The image tower is the base model's, unchanged.",
+        "",
+        f"- **Base model:** `{base}` (a logical name: `base_model_name_or_path` in "
+        "`adapter_config.json`; point the loader below at your copy of it)",
+        f"- **Languages:** {', '.join(languages) if languages else 'not recorded'}",
+    ]
+    for name, pc in peft_cfgs.items():
+        size = adapter_size(raw, name)["parameters"]
+        label = "" if name == SHARED else f" `{name}` (folder `{name}/`)"
+        settings = (
+            f"r={pc.r}, alpha={pc.lora_alpha}, dropout={pc.lora_dropout}"
+            if hasattr(pc, "r")
+            else ""
+        )
+        targets = ", ".join(sorted(pc.target_modules)) if pc.target_modules else ""
+        saved = ", ".join(pc.modules_to_save or []) or "none"
+        lines.append(
+            f"- **Adapter{label}:** {pc.peft_type.value} {settings} on {targets}; modules saved: "
+            f"{saved}; {size:,} parameters"
+        )
+    if data_cfg:
+        shards = ", ".join(_portable(p) for p in (data_cfg.get("train") or [])) or "n/a"
+        lines.append(
+            f"- **Data:** {shards}; caption languages {data_cfg.get('languages')}, origins "
+            f"{data_cfg.get('origins')}, splits {data_cfg.get('splits')}, batch size "
+            f"{data_cfg.get('batch_size')}"
+        )
+    last = run.get("last_metrics") or {}
+    if last:
+        lines.append(
+            f"- **Training:** {last.get('step')} steps, final loss {last.get('loss'):.4f}, "
+            f"peak lr {optim.get('lr')}"
+            if isinstance(last.get("loss"), (int, float))
+            else f"- **Training:** {last}"
+        )
+    lines += [
+        "- **Evaluation:** `babelcap eval --model adapted=BASE --adapter adapted=THIS_FOLDER ...` "
+        "(retrieval recall per language)",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from babelcap.models.clip import load_clip",
+        "",
+        f'bundle = load_clip("path/to/{base}")  # the base model',
+        'bundle.model.text = PeftModel.from_pretrained(bundle.model.text, "path/to/this/folder")',
+        "```",
+        "",
+    ]
+    card = out / CARD_FILE
+    card.write_text("\n".join(lines))
+    return card
 
 
 def adapter_dirs(adapter_dir: str | Path) -> dict[str, Path]:

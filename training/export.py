@@ -1,18 +1,27 @@
 """Export: a merged open_clip checkpoint and the peft adapter.
 
-`export_open_clip` writes a folder that open_clip loads on its own:
+`export_open_clip` writes a folder that open_clip loads on its own and that can be moved:
 
     out/open_clip_config.json        {"model_cfg": ..., "preprocess_cfg": ...}  (local-dir format)
     out/<name>.json                  the plain model config, for open_clip.add_model_config
     out/open_clip_model.safetensors  weights (LoRA merged into the text tower)
     out/text/                        the HF text tower's config + tokenizer (no weights needed)
+    out/tokenizer*.json ...          the tokenizer again, where get_tokenizer("local-dir:") looks
 
-    open_clip.create_model_and_transforms("local-dir:out")
-    open_clip.add_model_config("out/<name>.json")
-    open_clip.create_model_and_transforms("<name>", pretrained="out/open_clip_model.safetensors")
+No absolute path is written: both configs name the text tower `text`, a path relative to the
+folder. babelcap's loader (`babelcap.models.clip.load_clip(out)`) resolves it against the folder
+from any working directory; plain open_clip resolves it against the working directory, so run
+it from the folder (`local-dir:.`):
+
+    open_clip.get_tokenizer("local-dir:out")                 # any working directory
+    open_clip.create_model_and_transforms("local-dir:.")     # working directory: out/
+    open_clip.add_model_config("out/<name>.json")            # then, from out/:
+    open_clip.create_model_and_transforms("<name>", pretrained="open_clip_model.safetensors")
 
 `export_adapter` writes peft's adapter folder (adapter_config.json + adapter_model.safetensors)
-that `peft.PeftModel.from_pretrained(base_model.text, adapter_dir)` loads.
+that `peft.PeftModel.from_pretrained(base_model.text, adapter_dir)` loads, with a model card
+(README.md: base model, languages, adapter settings, data, training metrics) and a logical
+base model name in `base_model_name_or_path` (see `training.adapters.write_adapter_card`).
 """
 
 from __future__ import annotations
@@ -39,8 +48,13 @@ def merged_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _save_text_files(bundle: ClipBundle, text_dir: Path) -> None:
-    """Keep the HF config + tokenizer next to the weights so the export is self-contained."""
+TEXT_DIR = "text"  # the text tower's folder inside an export, named relatively in its configs
+
+
+def _save_text_files(bundle: ClipBundle, out: Path) -> None:
+    """Keep the HF config + tokenizer next to the weights so the export is self-contained; the
+    tokenizer also at the top, where open_clip's `get_tokenizer("local-dir:...")` looks."""
+    text_dir = out / TEXT_DIR
     text_dir.mkdir(parents=True, exist_ok=True)
     raw = unwrap(bundle.model)
     text = raw.text.get_base_model() if is_peft_text(raw) else raw.text
@@ -48,6 +62,7 @@ def _save_text_files(bundle: ClipBundle, text_dir: Path) -> None:
     tok = getattr(bundle.tokenizer, "tokenizer", None)
     if tok is not None and hasattr(tok, "save_pretrained"):
         tok.save_pretrained(text_dir)
+        tok.save_pretrained(out)
 
 
 def export_open_clip(
@@ -67,11 +82,10 @@ def export_open_clip(
     model_cfg = copy.deepcopy(bundle.model_cfg)
     text_cfg = model_cfg.get("text_cfg", {})
     if text_cfg.get("hf_model_name"):
-        _save_text_files(bundle, out / "text")
-        # Absolute paths so open_clip finds the tower from any working directory; our own
-        # loader (babelcap.models.clip) also accepts the folder after it has moved.
-        text_cfg["hf_model_name"] = str((out / "text").resolve())
-        text_cfg["hf_tokenizer_name"] = str((out / "text").resolve())
+        _save_text_files(bundle, out)
+        # Relative: the folder moves as a whole (see the module doc for how each loader
+        # resolves it).
+        text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = TEXT_DIR
     (out / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
     local = {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(merged)}
     (out / "open_clip_config.json").write_text(json.dumps(local, indent=2))
@@ -83,13 +97,24 @@ def _preprocess_cfg(model: torch.nn.Module) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
-def export_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path:
-    """Save the peft adapter of the text tower (adapter_config.json + adapter_model.safetensors)."""
+def export_adapter(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    base_model: str | None = None,
+    run_dir: str | Path | None = None,
+) -> Path:
+    """Save the peft adapter of the text tower (adapter_config.json + adapter_model.safetensors)
+    with its model card. `base_model` is the logical name recorded for the base (default: the
+    base CLIP's folder name); the card's data and metrics come from the training run folder
+    `run_dir` (default: the adapter folder's parent, where the trainer writes it)."""
+    from babelcap.training.adapters import write_adapter_card
+
     raw = unwrap(model)
     if not is_peft_text(raw):
         raise ValueError("this model has no peft adapter (text tower not trained with LoRA)")
     out = Path(out_dir)
     raw.text.save_pretrained(str(out), safe_serialization=True)
+    write_adapter_card(raw, out, base_model=base_model, run_dir=run_dir)
     return out
 
 
