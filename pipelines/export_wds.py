@@ -77,8 +77,8 @@ class WdsExportConfig(FrozenConfigModel):
     seed: int = Field(0, description="seed of caption_select=random")
     splits: tuple[str, ...] = Field(
         ("train",),
-        description='row splits to export ("train,val"; "all": every split); rows without a '
-        "split are always exported",
+        description='row splits to export (default train; "train,val"; "all": every split); '
+        "rows without a split are always exported",
     )
     maxcount: int = Field(10_000, ge=1, description="samples per tar")
     maxsize: int = Field(1_000_000_000, ge=1, description="bytes per tar (about)")
