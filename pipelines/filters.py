@@ -229,8 +229,9 @@ def language_detector(candidates: str = "wide", extra: Sequence[str] = ()):
 
 
 def wrong_language(detector: Any, text: str, lang: str, margin: float) -> bool:
-    """True when lingua is more than `margin` more confident of another language than of
-    `lang` (a close call, such as short Portuguese that also reads as Spanish, passes)."""
+    """True when lingua's top language is another one and its confidence in `lang` is below
+    (1 - `margin`) times its confidence in that top language (a close call, such as short
+    Portuguese that also reads as Spanish, passes; English left untranslated does not)."""
     target = lingua_language(lang)
     if detector is None or target is None:
         return False
@@ -238,7 +239,7 @@ def wrong_language(detector: Any, text: str, lang: str, margin: float) -> bool:
     if not values or values[0].language == target:
         return False
     own = next((v.value for v in values if v.language == target), 0.0)
-    return values[0].value - own > margin
+    return own < (1.0 - margin) * values[0].value
 
 
 class FilterTranslations(beam.DoFn):

@@ -104,11 +104,11 @@ class TextFilterConfig(FrozenConfigModel):
         'languages, plus any target outside it) or "all" (every lingua language; slower)',
     )
     language_margin: float = Field(
-        0.2,
+        0.5,
         ge=0.0,
         le=1.0,
-        description="wrong language only when lingua (all its languages) is this much more "
-        "confident of another language than of the target",
+        description="wrong language only when lingua's confidence in the target is below "
+        "(1 - margin) x its confidence in the top language",
     )
     degenerate_check: bool = Field(
         True, description="drop translations with repetition loops or a bad length ratio"
