@@ -7,6 +7,7 @@ already have read it as it is:
     OUTPUT/run_manifest.json            config, committed units, merged accounting and stats
     OUTPUT/data/unit-NNNNN/SPLIT-IIIII-of-NNNNN.parquet   the rows; nothing else under data/
     OUTPUT/dead_letter/unit-NNNNN.parquet                 the dead letters, outside data/
+    (unit-NNNNN-vK: a unit committed again after a language was added or failures retried)
     OUTPUT/_units/unit-NNNNN.json       a unit's commit record (its files, counts, stats)
     OUTPUT/_staging/RUN_ID/             work in progress; OUTPUT/_lock: the run holding OUTPUT
 
