@@ -348,3 +348,33 @@ def test_train_config_knows_streams():
     assert cfg.data.streams == 4
     with pytest.raises(Exception, match="streams"):
         TrainConfig.from_dict({"data": {"streams": 0}})
+
+
+def test_cached_embeddings_offload_the_image_tower_and_export_restores_it(
+    model_dir, shards, tmp_path
+):
+    """Memory target: with the shards' image embeddings a LiT step never holds the image tower
+    (freed for the run, `OffloadedTower` in its place); the export has it back, unchanged."""
+    from babelcap.models.clip import load_clip
+    from babelcap.training.embeddings import embed_shards
+    from babelcap.training.trainer import OffloadedTower, Trainer
+
+    bundle = load_clip(str(model_dir))
+    visual = {k: v.clone() for k, v in bundle.model.visual.state_dict().items()}
+    embedded = [str(p) for p in embed_shards(bundle, shards, tmp_path / "emb")]
+    data = _config(model_dir, model_dir / "text", embedded, tmp_path / "run")
+    data["data"].update(embeddings="always", streams=None)
+    data["optim"]["max_steps"] = 2
+    trainer = Trainer(TrainConfig.from_dict(data), bundle=load_clip(str(model_dir)))
+    assert trainer.use_embeddings
+    assert isinstance(trainer.raw_model.visual, OffloadedTower)
+    assert not list(trainer.raw_model.visual.parameters())
+    offloaded = trainer._offloaded[0]
+    assert all(p.device.type == "meta" for p in offloaded.parameters())  # memory released
+    with pytest.raises(RuntimeError, match="offloaded"):
+        trainer.raw_model.encode_image(torch.zeros(1, 3, 64, 64))
+    summary = trainer.fit()
+    assert summary["embeddings"] and summary["export"]
+    assert trainer.raw_model.visual is offloaded
+    exported = load_clip(str(Path(summary["export"]).parent)).model.visual.state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in visual.items())
