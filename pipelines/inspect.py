@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -23,52 +22,12 @@ import pyarrow.parquet as pq
 
 from babelcap.core import schema
 from babelcap.core.shards import RUN_MANIFEST, find_shards
+from babelcap.pipelines.display import cell, printable
+from babelcap.pipelines.translation_report import format_translation_report, translation_report
 
 _RESERVOIR = 10_000  # caption lengths kept for percentiles
 _MANIFEST_BYTES = 50_000_000  # a run manifest larger than this is not read
 _CAPTIONS_SHOWN = 8  # captions printed per sample row
-# Format characters that are part of text (joiners in Indic and emoji sequences) stay.
-_KEEP_FORMAT = {"\u200c", "\u200d"}
-
-
-def _unsafe(ch: str) -> bool:
-    cat = unicodedata.category(ch)
-    return cat in ("Cc", "Zl", "Zp", "Cs") or (cat == "Cf" and ch not in _KEEP_FORMAT)
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def printable(value: Any) -> str:
-    """`value` as text that is safe on a terminal: control, format (bidi overrides), line and
-    paragraph separator characters become visible escapes (`\\x1b`, `\\u202e`)."""
-    text = "" if value is None else str(value)
-    return "".join(_escape(ch) if _unsafe(ch) else ch for ch in text)
-
-
-def cell(value: Any) -> str:
-    """`printable(value)` for a Markdown table cell: backslashes and `|` escaped."""
-    text = "" if value is None else str(value)
-    return printable(text.replace("\\", "\\\\")).replace("|", "\\|")
-
-
-def printable_json(data: Any) -> str:
-    """JSON without raw terminal control characters in it: JSON escapes C0 itself; C1, DEL and
-    format characters (bidi overrides) are written as `\\uXXXX` escapes, which JSON reads back."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
-
-    def esc(ch: str) -> str:
-        code = ord(ch)
-        if code < 0x10000:
-            return f"\\u{code:04x}"
-        code -= 0x10000  # a UTF-16 surrogate pair, as JSON writes characters above the BMP
-        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
-
-    return "".join(esc(ch) if ch != "\n" and _unsafe(ch) else ch for ch in text)
 
 
 @dataclass
@@ -234,12 +193,16 @@ def _read_manifest(path: str, report: Report) -> None:
         report.caption_drops.update(
             {str(k): int(v) for k, v in drops.items() if isinstance(v, int) and v > 0}
         )
+    units = data.get("units") if isinstance(data.get("units"), list) else []
     report.runs.append(
         {
             "manifest": path,
             "run_id": data.get("run_id"),
             "finished_at": data.get("finished_at"),
             "accounting": data.get("accounting"),
+            "complete": data.get("complete"),
+            # Per committed work unit: inputs, rows, dead letters (issue 14's visibility).
+            "units": [u for u in units if isinstance(u, dict)],
         }
     )
 
@@ -268,7 +231,9 @@ def inspect_paths(path_or_glob: str, n_samples: int = 3, batch_size: int = 4096)
             _scan_dead_letter(_open(found, path), report, batch_size)
     for manifest in _manifests(str(path_or_glob), found.files):
         _read_manifest(manifest, report)
-    return report.to_dict()
+    out = report.to_dict()
+    out["translation_scores"] = translation_report(path_or_glob, lowest=5)
+    return out
 
 
 def format_report(data: dict[str, Any]) -> str:
@@ -320,6 +285,24 @@ def format_report(data: dict[str, Any]) -> str:
                 lines.append(
                     f"run manifest {printable(run['manifest'])}: {printable(run['error'])}"
                 )
+            units = run.get("units") or []
+            if units:
+                state = "complete" if run.get("complete") else "incomplete (re-run to finish)"
+                lines += [
+                    "",
+                    f"work units committed: {len(units)}, {state}",
+                    "",
+                    "| unit | inputs | rows | dead-lettered |",
+                    "|---|---:|---:|---:|",
+                ]
+                lines += [
+                    f"| {cell(u.get('unit'))} | {cell(u.get('inputs'))} | {cell(u.get('rows'))} "
+                    f"| {cell(u.get('dead_lettered'))} |"
+                    for u in units[:20]
+                ]
+                if len(units) > 20:
+                    lines.append(f"(showing 20 of {len(units)} units)")
+    lines += format_translation_report(data.get("translation_scores") or {})
     if data["samples"]:
         shown = len(data["samples"])
         lines += ["", f"samples: showing {shown} of {data['shard_rows']} rows"]

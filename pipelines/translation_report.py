@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from babelcap.core import schema
 from babelcap.core.shards import find_shards
+from babelcap.pipelines.display import cell
 
 SIGNALS = ("translation_score", "roundtrip_chrf", "translation_logprob")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -91,8 +92,6 @@ def translation_report(
 def format_translation_report(report: dict[str, Any], examples: int = 5) -> list[str]:
     """Markdown lines for `inspect`: the score distributions per language, then the lowest
     examples (text from files goes through `inspect.cell`: no raw control characters)."""
-    from babelcap.pipelines.inspect import cell
-
     if not report:
         return []
     qs = [f"p{round(100 * q)}" for q in QUANTILES]

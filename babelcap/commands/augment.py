@@ -86,6 +86,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("clip.score_threshold", "--clip-threshold", group=FILTERS),
     Flag("clip.top_k", "--clip-top-k", group=FILTERS),
     Flag("clip.embed_images", "--embed-images", group=FILTERS),
+    Flag("clip.source_filter", "--source-filter", group=FILTERS),
+    Flag("clip.source_min_score", "--source-min-score", group=FILTERS),
+    Flag("clip.source_relative", "--source-relative", group=FILTERS),
+    Flag("translator.reverse_model", "--reverse-translator", group=TRANSLATION),
+    Flag("text.min_translation_score", "--min-translation-score", group=FILTERS),
+    Flag("text.translation_top_k", "--translation-top-k", group=FILTERS),
     Flag(
         "captioner.device",
         "--device",

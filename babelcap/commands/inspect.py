@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from babelcap.pipelines.inspect import format_report, inspect_paths, printable_json
+    from babelcap.pipelines.display import printable_json
+    from babelcap.pipelines.inspect import format_report, inspect_paths
 
     data = inspect_paths(args.path, n_samples=max(0, args.samples))
     text = printable_json(data) if args.json else format_report(data)
