@@ -94,7 +94,12 @@ def job(world_dir, models, tmp_path_factory) -> dict:
             batch_size=16,
             options={"max_decoding_length": 16} if tiny else {},
         ),
-        clip=ClipConfig(model=models["clip"], top_k=3, embed_images=True, batch_size=16),
+        # The source filter is off: the duplicate test reads back a made-up alt-text ("a blue
+        # circle") that the default filter would rightly drop (tests/test_translation_scores.py
+        # covers the filter).
+        clip=ClipConfig(
+            model=models["clip"], top_k=3, embed_images=True, batch_size=16, source_filter=False
+        ),
         text=TextFilterConfig(language_check=not tiny),
         rows_per_shard=8,
         seed=0,
