@@ -207,7 +207,7 @@ def test_resume_equals_uninterrupted_run(base_dir, pt_shards, tmp_path):
     assert losses_b == pytest.approx(losses_a[3:], rel=1e-6)
 
 
-def test_export_reloads_with_open_clip_and_peft(base_dir, pt_shards, tmp_path):
+def test_export_reloads_with_open_clip_and_peft(base_dir, pt_shards, tmp_path, monkeypatch):
     import open_clip
     from peft import PeftModel
 
@@ -225,8 +225,12 @@ def test_export_reloads_with_open_clip_and_peft(base_dir, pt_shards, tmp_path):
     with torch.no_grad():
         want_t, want_i = model.encode_text(tokens), model.encode_image(images)
 
+    # The export names its text tower `text/` relative to the folder (relocatable); plain
+    # open_clip resolves that against the working directory, so it loads from inside the export
+    # (as the README shows).
+    monkeypatch.chdir(export_dir)
     # 1. plain open_clip, local-dir schema
-    oc, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
+    oc, _, _ = open_clip.create_model_and_transforms("local-dir:.")
     # 2. plain open_clip, registered config name + pretrained checkpoint path
     name = next(p.stem for p in export_dir.glob("*.json") if p.name != "open_clip_config.json")
     open_clip.add_model_config(export_dir / f"{name}.json")
