@@ -497,7 +497,7 @@ def test_world_eval_data(small_world: Path, tmp_path: Path) -> None:
         via_shards = load_eval_data(spec, ["en", "pt"], "test", max_captions=2)
         assert via_shards.image_ids == data.image_ids
         assert via_shards.texts == data.texts and via_shards.zero_shot == {}
-    with pytest.raises(ValueError, match="known: .*shards, world"):
+    with pytest.raises(ValueError, match=r"known: .*shards, world"):
         load_eval_data("nope:x", ["en"])
 
 
