@@ -38,7 +38,7 @@ from babelcap.core.shards import find_shards
 from babelcap.pipelines import accounting, sources
 from babelcap.pipelines.deadletter import PERMANENT_READ_KINDS, TRANSIENT_KINDS, is_transient
 from babelcap.pipelines.options import AugmentConfig
-from babelcap.pipelines.sources import ExpandInput, ReadBytes, detect_format
+from babelcap.pipelines.sources import ReadBytes, detect_format
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,14 +52,10 @@ def _png(i: int, size: int = 24) -> bytes:
 
 
 def _expand(cfg: AugmentConfig) -> tuple[list[dict], list[dict]]:
-    """ExpandInput is a plain object: run it directly for precise assertions."""
-    recs, dead = [], []
-    for item in ExpandInput(cfg).process(cfg.input):
-        if isinstance(item, beam.pvalue.TaggedOutput):
-            dead.append(item.value["row"])
-        else:
-            recs.append(item)
-    return recs, dead
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    import pipeline_testkit as kit
+
+    return kit.expand_input(cfg)
 
 
 def _read(rec: dict, **kw) -> tuple[dict | None, dict | None]:

@@ -37,7 +37,7 @@ from babelcap.pipelines.options import (
     TextFilterConfig,
     TranslationStageConfig,
 )
-from babelcap.pipelines.sources import ExpandInput, detect_format
+from babelcap.pipelines.sources import detect_format
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import pipeline_testkit as kit
@@ -157,15 +157,7 @@ def test_detect_format():
     assert detect_format("d/images") == "folder"
 
 
-def _run_expand(cfg: AugmentConfig) -> tuple[list[dict], list[dict]]:
-    """Run ExpandInput directly (a DoFn is a plain object) for precise assertions."""
-    recs, dead = [], []
-    for item in ExpandInput(cfg).process(cfg.input):
-        if isinstance(item, beam.pvalue.TaggedOutput):
-            dead.append(item.value["row"])
-        else:
-            recs.append(item)
-    return recs, dead
+_run_expand = kit.expand_input
 
 
 def test_manifest_jsonl_reports_bad_rows_and_bad_utf8(corpus):

@@ -329,3 +329,19 @@ if __name__ == "__main__":
         good.append(p)
     print(json.dumps(bad_corpus(target, good), indent=1))
     os.sys.exit(0)
+
+
+def expand_input(cfg) -> tuple[list[dict], list[dict]]:
+    """Run the source's ExpandInput directly (a DoFn is a plain object) for precise assertions:
+    (input records, dead-letter rows)."""
+    import apache_beam as beam
+
+    from babelcap.pipelines.sources import ExpandInput
+
+    recs, dead = [], []
+    for item in ExpandInput(cfg).process(cfg.input):
+        if isinstance(item, beam.pvalue.TaggedOutput):
+            dead.append(item.value["row"])
+        else:
+            recs.append(item)
+    return recs, dead
