@@ -232,7 +232,8 @@ def test_export_reloads_with_open_clip_and_peft(base_dir, pt_shards, tmp_path, m
     # 1. plain open_clip, local-dir schema
     oc, _, _ = open_clip.create_model_and_transforms("local-dir:.")
     # 2. plain open_clip, registered config name + pretrained checkpoint path
-    name = next(p.stem for p in export_dir.glob("*.json") if p.name != "open_clip_config.json")
+    # The folder also holds the tokenizer's JSON files; the model config is named after the model.
+    name = next(p.stem for p in export_dir.glob("babelcap-*.json"))
     open_clip.add_model_config(export_dir / f"{name}.json")
     oc2, _, _ = open_clip.create_model_and_transforms(
         name, pretrained=str(export_dir / "open_clip_model.safetensors")
