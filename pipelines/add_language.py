@@ -8,6 +8,9 @@ written as a new version of each unit (`data/unit-N-vK/`), committed like any un
 is decoded, captioned or scored with CLIP; every existing caption is kept as it was (the new
 ones are appended). A row whose translation batch fails keeps its old captions (counted as
 `add_language.translate_failed`).
+
+The same pipeline retranslates (`--retranslate pt` with another translator): the old
+translations into those languages are replaced by the new ones; everything else is kept.
 """
 
 from __future__ import annotations
@@ -32,13 +35,20 @@ def row_ref(unit: int, image_id: str) -> str:
     return f"unit-{unit:05d}:{image_id}"
 
 
-def _read_rows(item: tuple[int, str]) -> Iterator[dict[str, Any]]:
+def _translated_into(caption: Mapping[str, Any], languages: frozenset[str]) -> bool:
+    return caption["origin"] == schema.ORIGIN_TRANSLATED and caption["language"] in languages
+
+
+def _read_rows(item: tuple[int, str], languages: frozenset[str]) -> Iterator[dict[str, Any]]:
+    """A unit's rows, without their old translations into `languages` (so the translation
+    filters see only the new ones); `old_captions` keeps the row's captions as they were."""
     unit, path = item
     with FileSystems.open(path, compression_type="uncompressed") as f:
         table = pq.read_table(io.BytesIO(f.read()))
     for row in table.to_pylist():
         yield {
             **row,
+            "captions": [c for c in row["captions"] if not _translated_into(c, languages)],
             "uri": row.get("source_uri"),
             "input_ref": row_ref(unit, row["image_id"]),
             "old_captions": row["captions"],
@@ -47,7 +57,10 @@ def _read_rows(item: tuple[int, str]) -> Iterator[dict[str, Any]]:
 
 
 class KeepOld(beam.DoFn):
-    """Old captions exactly as they were, then the new languages' translations that passed."""
+    """Old captions exactly as they were, except the old translations into the languages
+    translated now (a retranslation replaces them), then the new translations that passed.
+    Translations only ever follow the English captions they point to (`source_index`), so
+    dropping some never moves an index."""
 
     def __init__(self, languages: Sequence[str]):
         self.languages = frozenset(languages)
@@ -55,13 +68,11 @@ class KeepOld(beam.DoFn):
     def process(self, rec: dict[str, Any]) -> Iterator[dict[str, Any]]:
         rec = dict(rec)
         old = rec.pop("old_captions")
-        new = [
-            c
-            for c in rec["captions"][len(old) :]
-            if c["origin"] == schema.ORIGIN_TRANSLATED and c["language"] in self.languages
-        ]
-        rec["captions"] = [*old, *new]
+        kept = [c for c in old if not _translated_into(c, self.languages)]
+        new = [c for c in rec["captions"] if _translated_into(c, self.languages)]
+        rec["captions"] = [*kept, *new]
         bump(rec, "add_language.translations_kept", len(new))
+        bump(rec, "add_language.translations_replaced", len(old) - len(kept))
         yield rec
 
 
@@ -88,7 +99,7 @@ def build_add_languages(
         pipeline
         | "Files" >> beam.Create(list(files))
         | "Spread" >> beam.Reshuffle()
-        | "ReadRows" >> beam.FlatMap(_read_rows)
+        | "ReadRows" >> beam.FlatMap(_read_rows, frozenset(languages))
     )
     translated, failed = rows | "Translate" >> Translate(config.translator, tuple(languages))
     original = rows | "KeyOriginal" >> beam.Map(lambda r: (r["input_ref"], r))

@@ -203,6 +203,10 @@ def _read_manifest(path: str, report: Report) -> None:
             "complete": data.get("complete"),
             # Per committed work unit: inputs, rows, dead letters (issue 14's visibility).
             "units": [u for u in units if isinstance(u, dict)],
+            # Target language -> translator models (more than one: a retranslation unfinished).
+            "translators": data.get("translators")
+            if isinstance(data.get("translators"), dict)
+            else {},
         }
     )
 
@@ -285,6 +289,13 @@ def format_report(data: dict[str, Any]) -> str:
                 lines.append(
                     f"run manifest {printable(run['manifest'])}: {printable(run['error'])}"
                 )
+            translators = run.get("translators") or {}
+            if translators:
+                lines += ["", "| language | translator |", "|---|---|"]
+                lines += [
+                    f"| {cell(lang)} | {cell(', '.join(map(str, models)) if isinstance(models, list) else models)} |"
+                    for lang, models in translators.items()
+                ]
             units = run.get("units") or []
             if units:
                 state = "complete" if run.get("complete") else "incomplete (re-run to finish)"

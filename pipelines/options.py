@@ -249,8 +249,14 @@ class AugmentConfig(FrozenConfigModel):
         "(read errors: pipelines.deadletter.TRANSIENT_KINDS; model failures), turning those "
         "that now succeed into rows",
     )
+    retranslate: tuple[str, ...] = Field(
+        (),
+        description="target languages whose committed translations were made with another "
+        "translator configuration: translate them again with this one (the English captions "
+        "as they were selected; no captioning, no CLIP); other languages are kept as they are",
+    )
 
-    @field_validator("languages", "image_extensions", mode="before")
+    @field_validator("languages", "image_extensions", "retranslate", mode="before")
     @classmethod
     def _list(cls, value: Any) -> tuple[str, ...]:
         if isinstance(value, bool) or value is None:
@@ -261,4 +267,9 @@ class AugmentConfig(FrozenConfigModel):
     def _translator_for_languages(self) -> AugmentConfig:
         if self.languages and self.translator is None:
             raise ValueError("target languages given but no translator model")
+        if extra := [lang for lang in self.retranslate if lang not in self.languages]:
+            raise ValueError(
+                f"retranslate {', '.join(extra)}: not among the target languages "
+                f"({', '.join(self.languages) or 'none'})"
+            )
         return self

@@ -251,6 +251,17 @@ def _merge_metrics(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(out.items()))
 
 
+def _translators(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Target language -> the translator models its committed translations came from (one,
+    unless a retranslation was interrupted)."""
+    out: dict[str, set[str]] = {}
+    for r in records:
+        for lang, translator in units.translators_of(r).items():
+            if translator:
+                out.setdefault(lang, set()).add(translator["model"])
+    return {lang: sorted(models) for lang, models in sorted(out.items())}
+
+
 def build_manifest(
     config: AugmentConfig,
     records: list[dict[str, Any]],
@@ -278,6 +289,7 @@ def build_manifest(
         "splits": _sum([r.get("splits", {}) for r in records]),
         "captions": captions,
         "captions_per_language": dict(sorted(per_language.items())),
+        "translators": _translators(records),
         "units": [
             {
                 "unit": r["unit"],
@@ -333,15 +345,13 @@ def _run_locked(
     old_configs = [r["config"] for r in old_records]
     new_config = config.to_dict()
     diffs = sorted({d for old in old_configs for d in _differences(old, new_config)})
+    # The translator is compared per language: a language whose translations came from another
+    # translator is fine when it is translated again (--retranslate), and only then.
+    stale = units.stale_translations(old_records, new_config) if new_config["translator"] else {}
+    diffs = [d for d in diffs if not d.startswith("translator.")]
     if diffs and not config.overwrite:
-        raise ConfigMismatchError(
-            f"{output} was made with another configuration ({', '.join(diffs)} differ): "
-            "its rows and this run's would not match. Write to a new output, or pass "
-            "--overwrite to replace it (swapped in only when the new run succeeds)"
-        )
+        _refuse(output, [f"{', '.join(diffs)} differ"])
     replace = bool(diffs)
-    # Units made with fewer target languages get the missing ones added (translation only).
-    missing = {} if replace else _missing_languages(old_records, config)
 
     inputs = units.list_inputs(config)
     if not inputs:
@@ -355,6 +365,28 @@ def _run_locked(
     current = set(inputs)
     needed = [u for u in range(len(plan.units)) if current & set(plan.units[u])]
     pending = [u for u in needed if u not in committed]
+    # The translator is compared per language. A language retranslated (--retranslate) takes
+    # this translator; one not named keeps its translations (recorded with their translator)
+    # as long as this run writes no new rows, which would mix two translators in it.
+    unasked = {lang: keys for lang, keys in stale.items() if lang not in config.retranslate}
+    if unasked and not replace and (not config.retranslate or pending):
+        if not config.overwrite:
+            why = f" and {len(pending)} new units would get this translator's" if pending else ""
+            _refuse(
+                output,
+                [f"{', '.join(keys)} differ for {lang}" for lang, keys in unasked.items()],
+                f" The committed {', '.join(unasked)} translations come from another "
+                f"translator{why}. To translate them again with this one and keep everything "
+                f"else, pass --retranslate {','.join(unasked)}.",
+            )
+        replace = True
+        plan = units.extend_plan(None, inputs, config.unit_size)
+        plan_written, committed = False, {}
+        needed = [u for u in range(len(plan.units)) if current & set(plan.units[u])]
+        pending = needed
+    # Units made with fewer target languages get the missing ones added, and languages made
+    # with another translator are translated again when asked (translation only).
+    missing = {} if replace else _languages_to_translate(old_records, config, set(stale))
     present: set[str] = set()
     for record in committed.values():
         for f in record["files"]:
@@ -437,6 +469,7 @@ def _run_locked(
                         "seconds": round(wave_seconds / len(wave), 3),
                         "stage_seconds": per_stage,
                         "config": config.to_dict(),
+                        "translators": dict.fromkeys(languages, config.to_dict()["translator"]),
                         "accounting": books,
                         "dead_letters": dead_counts,
                         "splits": splits,
@@ -502,6 +535,14 @@ def _run_locked(
     return manifest
 
 
+def _refuse(output: str, reasons: list[str], hint: str = "") -> None:
+    raise ConfigMismatchError(
+        f"{output} was made with another configuration ({'; '.join(reasons)}): its rows and "
+        f"this run's would not match.{hint} Write to a new output, or pass --overwrite to "
+        "replace it (swapped in only when the new run succeeds)"
+    )
+
+
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Keys that make rows incompatible; more target languages than before is not one (the
     missing ones are added)."""
@@ -511,16 +552,28 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return diffs
 
 
-def _missing_languages(
-    records: list[dict[str, Any]], config: AugmentConfig
+def _languages_to_translate(
+    records: list[dict[str, Any]], config: AugmentConfig, stale: set[str]
 ) -> dict[tuple[str, ...], list[int]]:
-    """(languages to add) -> committed units that lack exactly those."""
+    """(languages to translate) -> committed units that need exactly those: the target
+    languages they lack, and the `stale` ones asked for again whose translations in that unit
+    came from another translator (a unit already redone by an interrupted run is not redone)."""
+    new = config.to_dict()["translator"]
     out: dict[tuple[str, ...], list[int]] = {}
     for r in records:
-        have = set(r["config"].get("languages") or ())
-        lack = tuple(lang for lang in config.languages if lang not in have)
-        if lack and any(f["kind"] == "shard" for f in r["files"]):
-            out.setdefault(lack, []).append(r["unit"])
+        have = units.translators_of(r)
+        todo = tuple(
+            lang
+            for lang in config.languages
+            if lang not in have
+            or (
+                lang in stale
+                and lang in config.retranslate
+                and units.config_differences({"t": have[lang]}, {"t": new})
+            )
+        )
+        if todo and any(f["kind"] == "shard" for f in r["files"]):
+            out.setdefault(todo, []).append(r["unit"])
     return out
 
 
@@ -550,6 +603,7 @@ def _add_languages(
 
     done: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
+    translator = config.to_dict()["translator"]
     total = sum(len(v) for v in missing.values())
     progress = tqdm(total=total, unit="unit", desc="add languages", disable=not echo)
     try:
@@ -586,12 +640,15 @@ def _add_languages(
                     _, splits, captions = _unit_contents(
                         FileSystems.join(folder, DATA_DIR), staged["files"]
                     )
+                    had = units.translators_of(old)
                     record = {
                         **old,
                         "run_id": staged.get("run_id", old["run_id"]),
                         "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                         "config": config.to_dict(),
-                        "languages_added": list(languages),
+                        "translators": {**had, **dict.fromkeys(languages, translator)},
+                        "languages_added": [lang for lang in languages if lang not in had],
+                        "languages_retranslated": [lang for lang in languages if lang in had],
                         "seconds_add_languages": round(seconds / len(wave), 3),
                         "splits": splits,
                         "captions": captions,

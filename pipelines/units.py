@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,6 +180,7 @@ EXECUTION_KEYS = frozenset(
         "max_dead_letter_share",
         "overwrite",
         "retry_failed",
+        "retranslate",
     }
 )
 EXECUTION_SUFFIXES = (".device", ".batch_size")
@@ -187,3 +188,27 @@ EXECUTION_SUFFIXES = (".device", ".batch_size")
 
 def _execution_only(key: str) -> bool:
     return key in EXECUTION_KEYS or key.endswith(EXECUTION_SUFFIXES)
+
+
+def translators_of(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Target language -> the translator configuration its committed translations came from
+    (records written before per-language translators: the unit's one translator)."""
+    if "translators" in record:
+        return dict(record["translators"])
+    config = record["config"]
+    return {lang: config.get("translator") for lang in config.get("languages") or ()}
+
+
+def stale_translations(
+    records: Sequence[Mapping[str, Any]], new: Mapping[str, Any]
+) -> dict[str, list[str]]:
+    """Target language -> the translator keys in which its committed translations (in any unit)
+    differ from the `new` configuration's translator (execution-only keys aside)."""
+    out: dict[str, set[str]] = {}
+    for record in records:
+        for lang, old in translators_of(record).items():
+            if lang in (new.get("languages") or ()):
+                keys = config_differences({"translator": old}, {"translator": new["translator"]})
+                if keys:
+                    out.setdefault(lang, set()).update(keys)
+    return {lang: sorted(keys) for lang, keys in sorted(out.items())}

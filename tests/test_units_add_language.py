@@ -15,8 +15,10 @@ import pytest
 from test_publish import make_inputs
 
 from babelcap.core.shards import find_shards
+from babelcap.pipelines.inspect import format_report, inspect_paths
 from babelcap.pipelines.options import AugmentConfig, TextFilterConfig, TranslationStageConfig
 from babelcap.pipelines.runner import ConfigMismatchError, run
+from babelcap.translators import read_model_info
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import pipeline_testkit as kit
@@ -74,6 +76,84 @@ def test_add_a_language_translates_only(tmp_path):
     # Removing a language is another configuration.
     with pytest.raises(ConfigMismatchError, match="languages"):
         run(cfg("es"), workers=1, echo=False)
+
+
+def test_retranslate_one_language_with_another_translator(tmp_path):
+    """A better translator for one language: --retranslate pt replaces the pt translations and
+    keeps en and es byte for byte, with no captioning or CLIP; without the flag the run is
+    refused naming the languages; new images are refused while es would mix two translators,
+    until es is retranslated too; the same command again has nothing to do."""
+    old_tr = kit.tiny_translator(tmp_path / "tr-a", languages=("pt", "es"))
+    new_tr = kit.tiny_translator(tmp_path / "tr-b", languages=("pt", "es"), seed=1)
+    manifest = make_inputs(tmp_path / "in", 10)
+    out = tmp_path / "out"
+
+    def cfg(translator: Path, **extra) -> AugmentConfig:
+        return AugmentConfig(
+            input=str(manifest),
+            output=str(out),
+            languages="pt,es",
+            translator=TranslationStageConfig(
+                model=str(translator), batch_size=8, options={"max_decoding_length": 12}
+            ),
+            text=TextFilterConfig(language_check=False, degenerate_check=False),
+            unit_size=4,
+            **extra,
+        )
+
+    def captions(rows: list[dict], language: str) -> list[list[dict]]:
+        return [[c for c in r["captions"] if c["language"] == language] for r in rows]
+
+    run(cfg(old_tr), workers=1, echo=False)
+    before = _rows(out)
+    with pytest.raises(ConfigMismatchError, match=r"differ for es; .*--retranslate es,pt\."):
+        run(cfg(new_tr), workers=1, echo=False)
+    with pytest.raises(ValueError, match="retranslate hi: not among the target languages"):
+        cfg(new_tr, retranslate="hi")
+    assert _rows(out) == before  # a refused run changes nothing
+
+    manifest_out = run(cfg(new_tr, retranslate="pt"), workers=1, echo=False)
+    after = _rows(out)
+    assert [r["image_id"] for r in after] == [r["image_id"] for r in before]
+    assert captions(after, "en") == captions(before, "en")
+    assert captions(after, "es") == captions(before, "es")  # es untouched, byte for byte
+    assert captions(after, "pt") != captions(before, "pt")
+    new_id = read_model_info(new_tr).model_id
+    assert {c["model"] for caps in captions(after, "pt") for c in caps} == {new_id}
+    for row in after:
+        for c in row["captions"]:
+            if c["origin"] == "translated":
+                assert row["captions"][c["source_index"]]["language"] == "en"
+    for old, new in zip(before, after, strict=True):
+        assert {k: v for k, v in new.items() if k != "captions"} == {
+            k: v for k, v in old.items() if k != "captions"
+        }
+    metrics = manifest_out["metrics"]
+    assert not [k for k in metrics if k.startswith(("babelcap.caption/", "babelcap.clip/"))]
+    assert manifest_out["this_run"]["units"] == 3 and manifest_out["complete"]
+    assert manifest_out["translators"] == {"es": [str(old_tr)], "pt": [str(new_tr)]}
+    report = format_report(inspect_paths(str(out)))
+    assert f"| es | {old_tr} |" in report and f"| pt | {new_tr} |" in report
+    records = [json.loads(p.read_text()) for p in sorted((out / "_units").glob("unit-*.json"))]
+    assert len(records) == 3
+    assert all(r["languages_retranslated"] == ["pt"] for r in records)
+
+    # New images would get es from the new translator next to the old one's: refused.
+    make_inputs(tmp_path / "in", 4, start=10)
+    with pytest.raises(ConfigMismatchError, match=r"differ for es\b.*--retranslate es"):
+        run(cfg(new_tr, retranslate="pt"), workers=1, echo=False)
+    final_out = run(cfg(new_tr, retranslate="pt,es"), workers=1, echo=False)
+    final = _rows(out)
+    assert len(final) == 14 and final_out["translators"] == {
+        "es": [str(new_tr)],
+        "pt": [str(new_tr)],
+    }
+    kept = [r for r in final if r["image_id"] in {b["image_id"] for b in before}]
+    assert captions(kept, "pt") == captions(after, "pt")  # already the new translator's
+    assert captions(kept, "es") != captions(after, "es")
+    # Again: nothing to do.
+    again = run(cfg(new_tr, retranslate="pt,es"), workers=1, echo=False)
+    assert again["this_run"]["units"] == 0 and _rows(out) == final
 
 
 def test_retry_failed_turns_transient_failures_into_rows(tmp_path):

@@ -58,6 +58,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max_dead_letter_share", group=IO),
     Flag("overwrite", group=IO),
     Flag("retry_failed", group=IO),
+    Flag("retranslate", group=TRANSLATION),
     Flag("captioner.model", "--captioner", group=CAPTIONING),
     Flag("captioner.model_class", "--captioner-class", group=CAPTIONING),
     Flag("captioner.num_captions", "--num-captions", group=CAPTIONING),

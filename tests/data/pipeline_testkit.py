@@ -102,8 +102,9 @@ def tiny_blip(out: Path) -> Path:
     return out
 
 
-def tiny_translator(out: Path, languages=("pt", "es")) -> Path:
-    """Random multilingual Marian (en -> languages), converted with translators.convert_model."""
+def tiny_translator(out: Path, languages=("pt", "es"), seed: int = 0) -> Path:
+    """Random multilingual Marian (en -> languages), converted with translators.convert_model
+    (another seed: other weights, so other translations)."""
     import torch
     from transformers import MarianConfig, MarianMTModel
 
@@ -146,7 +147,7 @@ def tiny_translator(out: Path, languages=("pt", "es")) -> Path:
         decoder_start_token_id=len(vocab) - 1,
         forced_eos_token_id=0,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     MarianMTModel(cfg).save_pretrained(hf)
     from babelcap.translators import convert_model
 
