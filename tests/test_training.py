@@ -146,6 +146,35 @@ def test_grad_checkpointing_gives_same_loss_and_grads(base_dir, pt_shards):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
 
 
+def test_trimmed_padding_gives_the_same_text_features_and_gradients(base_dir):
+    """The HF tower's tokenizer drops the padding past the batch's longest caption: the same
+    features (and LoRA gradients) as the full context, from fewer columns."""
+    import pickle
+
+    bundle = load_clip(str(base_dir))
+    texts = ["um círculo vermelho pequeno", "uma estrela azul grande e um quadrado verde"]
+    trimmed = bundle.tokenizer(texts)
+    full = bundle.tokenizer.inner(texts)
+    context = bundle.model_cfg["text_cfg"]["context_length"]
+    assert full.shape[1] == context and trimmed.shape[1] < context
+    assert torch.equal(full[:, : trimmed.shape[1]], trimmed)
+    assert (full[:, trimmed.shape[1] :] == bundle.tokenizer.tokenizer.pad_token_id).all()
+    model = build_method(TrainConfig().method).setup(bundle.model)
+    model.eval()  # dropout draws depend on the shape; gradients flow in eval mode too
+    got = model.encode_text(trimmed, normalize=True)
+    got.sum().backward()
+    g_trim = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert g_trim
+    model.zero_grad()
+    want = model.encode_text(full, normalize=True)
+    want.sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(g_trim[n], p.grad, atol=1e-5), n
+    assert torch.equal(pickle.loads(pickle.dumps(bundle.tokenizer))(texts), trimmed)
+
+
 def test_embedding_column_gives_same_loss_as_images(base_dir, pt_shards, tmp_path):
     from babelcap.training.embeddings import embed_shards
 
