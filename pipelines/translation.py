@@ -40,9 +40,15 @@ STAGE = "translate"
 
 
 def engine_config(cfg: TranslationStageConfig, model_dir: str | None = None):
+    from babelcap.core.devices import worker_threads
     from babelcap.translators import TranslatorConfig as EngineConfig
 
-    return EngineConfig(model_dir=model_dir or cfg.model, device=cfg.device, **dict(cfg.options))
+    options = dict(cfg.options)
+    # CTranslate2 takes 4 threads by default: on a worker given a share of the cores, its share
+    # (2 workers x 4 threads on 2 cores made them fight), unless the options say otherwise.
+    if (threads := worker_threads()) and "intra_threads" not in options:
+        options["intra_threads"] = threads
+    return EngineConfig(model_dir=model_dir or cfg.model, device=cfg.device, **options)
 
 
 def check_languages(cfg: TranslationStageConfig, languages: Sequence[str]) -> tuple[str, ...]:

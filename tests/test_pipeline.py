@@ -528,6 +528,24 @@ def test_runner_options_leave_the_environment_alone(monkeypatch):
     assert {k: v for k, v in os.environ.items() if k != THREADS_ENV} == before
 
 
+def test_translator_threads_follow_the_workers_share_of_cores(monkeypatch, tmp_path):
+    """CTranslate2 would take 4 threads in every worker; in a local multi-process run each
+    worker's engine gets the worker's share, unless the options name intra_threads."""
+    from babelcap.core.devices import THREADS_ENV
+    from babelcap.pipelines.options import TranslationStageConfig
+    from babelcap.pipelines.runner import pipeline_options, worker_environment
+    from babelcap.pipelines.translation import engine_config
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    cfg = TranslationStageConfig(model=str(tmp_path))
+    assert engine_config(cfg).intra_threads == 0  # outside a local run: CTranslate2 decides
+    with worker_environment(pipeline_options([], workers=2)):
+        share = int(os.environ[THREADS_ENV])
+        assert engine_config(cfg).intra_threads == share
+        mine = TranslationStageConfig(model=str(tmp_path), options={"intra_threads": 3})
+        assert engine_config(mine).intra_threads == 3
+
+
 # --- model stages (tiny real models, in-process runner) ----------------------------------
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, str]:

@@ -31,11 +31,18 @@ def resolve_device(
     return "cuda" if local_rank is None else f"cuda:{local_rank}"
 
 
-def limit_torch_threads() -> None:
-    """Local multi-process runs split the CPU cores between workers ($BABELCAP_TORCH_THREADS,
-    set by the local runner for its workers only); elsewhere torch keeps its default."""
+def worker_threads() -> int | None:
+    """This worker's share of the CPU cores when a local multi-process run split them
+    ($BABELCAP_TORCH_THREADS, set by the local runner for its workers only), else None."""
     threads = os.environ.get(THREADS_ENV)
+    return max(1, int(threads)) if threads else None
+
+
+def limit_torch_threads() -> None:
+    """Torch uses this worker's share of the cores (`worker_threads`); elsewhere it keeps its
+    default."""
+    threads = worker_threads()
     if threads:
         import torch
 
-        torch.set_num_threads(max(1, int(threads)))
+        torch.set_num_threads(threads)
