@@ -68,9 +68,8 @@ def build(
 ) -> None:
     """Add the augmentation of the work units in `unit_of` (input_ref -> unit) to `pipeline`,
     writing into the `staging` folder; images in `present` (committed already) are skipped."""
-    records, read_dead = pipeline | "Read" >> ReadInputs(config)
-    records = records | "WaveInputs" >> KeepUnits(unit_of)
-    read_dead = read_dead | "WaveDead" >> KeepUnits(unit_of)
+    # Only this wave's inputs are read (the others are listed, not opened).
+    records, read_dead = pipeline | "Read" >> ReadInputs(config, keep=lambda: KeepUnits(unit_of))
     decoded = records | "Decode" >> beam.ParDo(DecodeImages(config)).with_outputs(DEAD, main="ok")
     records, duplicates = decoded.ok | "DedupImages" >> DropDuplicateImages()
     dead = [read_dead, decoded[DEAD], duplicates]

@@ -49,7 +49,7 @@ import stat
 import tarfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import IO, Any
 
@@ -939,11 +939,14 @@ def _file_type(mode: int) -> str:
 
 
 class ReadInputs(beam.PTransform):
-    """`--input` -> input records (main output) and rejects (tagged `DEAD`)."""
+    """`--input` -> input records (main output) and rejects (tagged `DEAD`). `keep`, when
+    given, makes the transform that selects the listed inputs (and listing rejects) to read,
+    e.g. one work unit's: applied before any file's bytes are read."""
 
-    def __init__(self, config: AugmentConfig):
+    def __init__(self, config: AugmentConfig, keep: Callable[[], beam.PTransform] | None = None):
         super().__init__()
         self.config = config
+        self.keep = keep
 
     def expand(self, pbegin):
         expanded = (
@@ -951,12 +954,16 @@ class ReadInputs(beam.PTransform):
             | "Input" >> beam.Create([self.config.input])
             | "Expand" >> beam.ParDo(ExpandInput(self.config)).with_outputs(DEAD, main="records")
         )
+        listed, listing_dead = expanded.records, expanded[DEAD]
+        if self.keep is not None:
+            listed = listed | "Keep" >> self.keep()
+            listing_dead = listing_dead | "KeepDead" >> self.keep()
         read = (
-            expanded.records
+            listed
             # Listing/parsing happens in one worker; spread the records before reading bytes.
             | "Spread" >> beam.Reshuffle()
             | "ReadBytes"
             >> beam.ParDo(ReadBytes(self.config.max_file_bytes)).with_outputs(DEAD, main="ok")
         )
-        dead = (expanded[DEAD], read[DEAD]) | "FlattenReadDead" >> beam.Flatten()
+        dead = (listing_dead, read[DEAD]) | "FlattenReadDead" >> beam.Flatten()
         return read.ok, dead
