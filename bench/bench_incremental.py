@@ -8,7 +8,9 @@ Side by side, each as a real `babelcap augment` process (so a kill is a real SIG
 3. adding a language (es) to the finished output of 1: no captioning, no CLIP scoring (model
    calls counted from the run's RunInference metrics), at most the translation share of 1 plus
    10% of its time;
-4. adding the other 10% of the images to that output (target <= 20% of 1).
+4. adding the other 10% of the images to that output (target <= 20% of 1);
+5. with `--retranslator DIR`: retranslating pt with that translator (`--retranslate pt`): no
+   captioning, no CLIP scoring, es kept as it was.
 
 Models: `--world DIR` uses the world's own models (captioner, m2m-multi for pt and es,
 clip-base; built when missing); without it, tiny random models of the same architectures.
@@ -84,6 +86,11 @@ def main() -> None:
     parser.add_argument("--unit-size", type=int, default=None, help="default images / 20")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--num-captions", type=int, default=4)
+    parser.add_argument(
+        "--retranslator",
+        default=None,
+        help="another translator (CTranslate2 folder): retranslate pt with it at the end",
+    )
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "babelcap-bench"))
     args = parser.parse_args()
     n = 60 if args.quick else args.images
@@ -157,6 +164,17 @@ def main() -> None:
         "rows_added": m_add["accounting"]["rows_written"] - m_lang["accounting"]["rows_written"],
         "model_calls": model_calls(m_add["metrics"]),
     }
+    if args.retranslator:
+        cfg = config(full, root / "full", ["pt", "es"])
+        cfg = {**cfg, "translator": {**cfg["translator"], "model": args.retranslator}}
+        t_re, m_re, _ = augment({**cfg, "retranslate": ["pt"]}, args.workers, root, "retranslate")
+        results["retranslate"] = {
+            "seconds": round(t_re, 1),
+            "share_of_full": round(t_re / t_full, 3),
+            "units": m_re["this_run"]["units"],
+            "model_calls": model_calls(m_re["metrics"]),
+            "translators": m_re["translators"],
+        }
     md = markdown(results, models.get("kind", "?"), args.workers)
     write_results(
         "incremental" if not args.quick else "incremental-quick", "incremental", results, md
@@ -182,6 +200,13 @@ def markdown(r: dict[str, Any], kind: str, workers: int) -> str:
         f"{add['model_calls']['caption']} / {add['model_calls']['clip']} / "
         f"{add['model_calls']['translate']} | <= 0.2 |",
     ]
+    if re := r.get("retranslate"):
+        rows.append(
+            f"| retranslate pt with another translator ({re['units']} units) | {re['seconds']} "
+            f"| {re['share_of_full']} | {re['model_calls']['caption']} / "
+            f"{re['model_calls']['clip']} / {re['model_calls']['translate']} | "
+            "0 captioner/CLIP calls |"
+        )
     return (
         f"Incremental augmentation: {r['images']} world images, units of {r['unit_size']}, "
         f"{workers} local workers, models: {kind}\n\n" + "\n".join(rows)

@@ -203,9 +203,12 @@ def stale_translations(
     records: Sequence[Mapping[str, Any]], new: Mapping[str, Any]
 ) -> dict[str, list[str]]:
     """Target language -> the translator keys in which its committed translations (in any unit)
-    differ from the `new` configuration's translator (execution-only keys aside)."""
+    differ from the `new` configuration's translator (execution-only keys aside). A unit with
+    no rows has no translations to differ."""
     out: dict[str, set[str]] = {}
     for record in records:
+        if not any(f["kind"] == "shard" for f in record["files"]):
+            continue
         for lang, old in translators_of(record).items():
             if lang in (new.get("languages") or ()):
                 keys = config_differences({"translator": old}, {"translator": new["translator"]})
