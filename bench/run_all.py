@@ -26,7 +26,15 @@ README = HERE.parent / "README.md"
 BEGIN, END = "<!-- BENCH:BEGIN -->", "<!-- BENCH:END -->"
 
 # Order: cheap first, so a partial run still reports something useful.
-BENCHMARKS = ["world", "translate", "pipeline", "incremental", "training", "quality", "crosslingual"]
+BENCHMARKS = [
+    "world",
+    "translate",
+    "pipeline",
+    "incremental",
+    "training",
+    "quality",
+    "crosslingual",
+]
 
 
 def run(names: list[str], quick: bool) -> dict[str, float]:
