@@ -26,7 +26,8 @@ The CAPIVARA rows and the oracle train Portuguese (English captions mixed in); t
 train all four languages. Writes bench/results/quality.json (+ quality.png, the chart).
 
     python bench/bench_quality.py [--world DIR] [--seeds 0,1,2] [--quick] [--rows REGEX]
-        [--limit N]   (smoke: --quick --seeds 0 --limit 80 --rows "filters")
+        [--limit N] [--min-translation-score S] [--translation-top-k K]
+        (smoke: --quick --seeds 0 --limit 80 --rows "filters")
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def augment(
     source_filter: bool = False,
     source_min_score: float | None = None,
     min_translation_score: float | None = None,
+    translation_top_k: int | None = None,
     manifest: Path | None = None,
 ) -> Path:
     """Beam augmentation of the world's manifest (cached by configuration). The source alt-text
@@ -111,7 +113,9 @@ def augment(
             source_filter=source_filter,
             source_min_score=source_min_score,
         ),
-        text=TextFilterConfig(min_translation_score=min_translation_score),
+        text=TextFilterConfig(
+            min_translation_score=min_translation_score, translation_top_k=translation_top_k
+        ),
     )
     if published_run(config) is None:
         run(config, workers=workers, echo=False)
@@ -143,6 +147,7 @@ def filter_rows(
     top_k: int,
     min_translation_score: float,
     manifest: Path | None,
+    translation_top_k: int | None = None,
 ) -> dict[str, Path]:
     """Issue 18's rows: {alt-text only, CAPIVARA top-k} x {no filter, source filter, source +
     translation-score filter} x {the world's translator, its weak one}. Alt-text only has no
@@ -175,13 +180,23 @@ def filter_rows(
             )
             rows[f"{base}{name}, source + score >= {min_translation_score}"] = augment(
                 world,
-                out / f"aug-{tag}-{tr}-src-score",
+                out / f"aug-{tag}-{tr}-src-score{min_translation_score:g}",
                 translator=tr,
                 source_filter=True,
                 min_translation_score=min_translation_score,
                 manifest=manifest,
                 **kw,
             )
+            if translation_top_k:  # the best k translations per image and language instead
+                rows[f"{base}{name}, source + best {translation_top_k} translations"] = augment(
+                    world,
+                    out / f"aug-{tag}-{tr}-src-top{translation_top_k}",
+                    translator=tr,
+                    source_filter=True,
+                    translation_top_k=translation_top_k,
+                    manifest=manifest,
+                    **kw,
+                )
     return rows
 
 
@@ -374,6 +389,13 @@ def main() -> int:
         default=0.6,
         help="the translation-score filter of the issue-18 rows",
     )
+    parser.add_argument(
+        "--translation-top-k",
+        type=int,
+        default=None,
+        help="also the issue-18 rows with the source filter + the best k translations per "
+        "image and language (translation_top_k) instead of the threshold",
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in parse_list(args.seeds)]
     if args.quick:
@@ -434,7 +456,7 @@ def main() -> int:
     filtered = {
         f"filters: {name}": path
         for name, path in filter_rows(
-            world, out, args.top_k, args.min_translation_score, manifest
+            world, out, args.top_k, args.min_translation_score, manifest, args.translation_top_k
         ).items()
     }
     gold = out / "gold-shards"
@@ -475,7 +497,11 @@ def main() -> int:
 
     steps_note = ", ".join(f"{k} {v}" for k, v in QUICK_STEPS.items()) if args.quick else "configs'"
     partial = bool(args.rows or args.limit)  # a smoke or a subset never replaces the results
-    name = "quality-partial" if partial else "quality"
+    # A subset is named by its rows (`--rows filters` -> quality-filters.json), a smoke by its size.
+    subset = re.sub(r"[^a-z0-9]+", "-", (args.rows or "").lower()).strip("-")
+    name = "quality" if not partial else f"quality-{subset or 'partial'}"
+    if args.limit or args.quick:
+        name += "-smoke"
     chart = plot(recipes, RESULTS / f"{name}.png")
     oracle = recipes["oracle (gold pt)"]["pt_mean_recall"]
     capivara = {k: v for k, v in recipes.items() if k.startswith("CAPIVARA")}
