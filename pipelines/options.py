@@ -231,6 +231,13 @@ class AugmentConfig(FrozenConfigModel):
     units_per_wave: int = Field(
         4, ge=1, description="work units per pipeline run; each is committed when its wave ends"
     )
+    units_per_translation_wave: int = Field(
+        20,
+        ge=1,
+        description="work units per pipeline run when only translating (adding a language, "
+        "retranslating): a unit costs a fraction of a full one there, while every pipeline "
+        "pays its start-up and model loads",
+    )
     max_dead_letter_share: float = Field(
         0.5,
         ge=0.0,

@@ -608,7 +608,7 @@ def _add_languages(
     progress = tqdm(total=total, unit="unit", desc="add languages", disable=not echo)
     try:
         for languages, unit_list in sorted(missing.items()):
-            for wave in units.waves(sorted(unit_list), config.units_per_wave):
+            for wave in units.waves(sorted(unit_list), config.units_per_translation_wave):
                 wave_start = time.perf_counter()
                 files, unit_of = [], {}
                 for u in wave:

@@ -177,6 +177,7 @@ EXECUTION_KEYS = frozenset(
         "rows_per_shard",
         "unit_size",
         "units_per_wave",
+        "units_per_translation_wave",
         "max_dead_letter_share",
         "overwrite",
         "retry_failed",

@@ -55,6 +55,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("seed", group=IO),
     Flag("unit_size", group=IO),
     Flag("units_per_wave", group=IO),
+    Flag("units_per_translation_wave", group=IO),
     Flag("max_dead_letter_share", group=IO),
     Flag("overwrite", group=IO),
     Flag("retry_failed", group=IO),
