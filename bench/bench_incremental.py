@@ -8,7 +8,8 @@ Side by side, each as a real `babelcap augment` process (so a kill is a real SIG
 3. adding a language (es) to the finished output of 1: no captioning, no CLIP scoring (model
    calls counted from the run's RunInference metrics), at most the translation share of 1 plus
    10% of its time;
-4. adding the other 10% of the images to that output (target <= 20% of 1);
+4. adding the other 10% of the images (appended to the same manifest) to that output
+   (target <= 20% of 1);
 5. with `--retranslator DIR`: retranslating pt with that translator (`--retranslate pt`): no
    captioning, no CLIP scoring, es kept as it was.
 
@@ -57,8 +58,11 @@ def augment(config: dict, workers: int, root: Path, name: str, kill_at: int | No
     cmd = [sys.executable, "-m", "babelcap.cli", "augment", "--config", str(cfg)]
     cmd += ["--workers", str(workers)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # stderr to a file: a pipe nobody reads while polling fills up and stalls the run (and its
+    # Beam workers, which share it) until the pipe drains.
+    log = open(root / f"{name}.log", "wb")  # noqa: SIM115 (closed below, after the child ends)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     units = Path(config["output"]) / "_units"
     killed = False
     while proc.poll() is None:
@@ -69,8 +73,10 @@ def augment(config: dict, workers: int, root: Path, name: str, kill_at: int | No
             break
         time.sleep(0.05)
     seconds = time.perf_counter() - start
+    log.close()
     if not killed and proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr.read().decode()[-3000:]}")
+        tail = (root / f"{name}.log").read_bytes()[-3000:].decode(errors="replace")
+        raise RuntimeError(f"{name} failed:\n{tail}")
     manifest = None
     if not killed:
         manifest = json.loads((Path(config["output"]) / "run_manifest.json").read_text())
@@ -104,15 +110,16 @@ def main() -> None:
 
         world = ensure_world(root.parent / f"world-{n}", n_images=n, seed=11, progress=False)
     lines = (world / "manifest.jsonl").read_text().splitlines()
-    base = root / "base.jsonl"
-    full = root / "full.jsonl"
+    # One manifest that grows, as a user's does: units are planned by input position (manifest
+    # path + line), so the added lines form new units. (A new manifest file listing old and new
+    # images is a new input set: its old images are found present only after being read.)
+    base = full = root / "input.jsonl"
     # Absolute image paths: the manifests live outside the world folder.
     rows = [json.loads(x) for x in lines]
     for r in rows:
         r["image_path"] = str(world / r["image_path"])
     cut = int(len(rows) * 0.9)
     base.write_text("".join(json.dumps(r) + "\n" for r in rows[:cut]))
-    full.write_text("".join(json.dumps(r) + "\n" for r in rows))
     unit_size = args.unit_size or max(1, len(rows) // 20)
 
     def config(manifest: Path, out: Path, languages: list[str]) -> dict:
@@ -156,6 +163,8 @@ def main() -> None:
         "translation_share_of_full": round(translate_share, 3),
         "model_calls": model_calls(m_lang["metrics"]),
     }
+    with open(full, "a") as f:  # the other 10% of the images, appended
+        f.write("".join(json.dumps(r) + "\n" for r in rows[cut:]))
     t_add, m_add, _ = augment(config(full, root / "full", ["pt", "es"]), args.workers, root, "add")
     results["add_images"] = {
         "seconds": round(t_add, 1),
