@@ -186,7 +186,10 @@ def main() -> None:
         }
     md = markdown(results, models.get("kind", "?"), args.workers)
     write_results(
-        "incremental" if not args.quick else "incremental-quick", "incremental", results, md
+        "incremental" if not args.quick else "incremental-quick",
+        "Incremental augmentation: resume, add a language, add images, retranslate",
+        results,
+        md,
     )
 
 
