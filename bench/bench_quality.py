@@ -170,32 +170,32 @@ def filter_rows(
             rows[f"{base}{name}, no filter"] = augment(
                 world, out / f"aug-{tag}{suffix}", translator=tr, manifest=manifest, **none
             )
-            rows[f"{base}{name}, source filter"] = augment(
-                world,
-                out / f"aug-{tag}-{tr}-src",
-                translator=tr,
-                source_filter=True,
-                manifest=manifest,
-                **kw,
-            )
-            rows[f"{base}{name}, source + score >= {min_translation_score}"] = augment(
-                world,
-                out / f"aug-{tag}-{tr}-src-score{min_translation_score:g}",
-                translator=tr,
-                source_filter=True,
-                min_translation_score=min_translation_score,
-                manifest=manifest,
-                **kw,
-            )
+            # (row label, folder, filter settings) next to the source filter
+            variants = [
+                ("source filter", "src", {}),
+                (
+                    f"source + score >= {min_translation_score}",
+                    f"src-score{min_translation_score:g}",
+                    {"min_translation_score": min_translation_score},
+                ),
+            ]
             if translation_top_k:  # the best k translations per image and language instead
-                rows[f"{base}{name}, source + best {translation_top_k} translations"] = augment(
+                variants.append(
+                    (
+                        f"source + best {translation_top_k} translations",
+                        f"src-top{translation_top_k}",
+                        {"translation_top_k": translation_top_k},
+                    )
+                )
+            for label, folder, extra in variants:
+                rows[f"{base}{name}, {label}"] = augment(
                     world,
-                    out / f"aug-{tag}-{tr}-src-top{translation_top_k}",
+                    out / f"aug-{tag}-{tr}-{folder}",
                     translator=tr,
                     source_filter=True,
-                    translation_top_k=translation_top_k,
                     manifest=manifest,
                     **kw,
+                    **extra,
                 )
     return rows
 
