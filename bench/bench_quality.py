@@ -483,14 +483,15 @@ def main() -> int:
     plan += [Recipe(n, CONFIGS / "world-capivara.yaml", p, "capivara") for n, p in filtered.items()]
     base_dir = model_dir(world, "clip-base")
     recipes = {"base": summarise([evaluate(load_clip(str(base_dir)), data, zero_shot=False)])}
-    for i, recipe in enumerate(plan):
+    for recipe in plan:
         if recipe.name != "oracle (gold pt)" and not want(recipe.name):
             continue
         steps = QUICK_STEPS[recipe.method] if args.quick else None
         runs = []
         for seed in seeds:
             print(f"[quality] {recipe.name}, seed {seed} ...", flush=True)
-            tag = f"r{i}" if i < 7 else "f" + hashlib.sha256(recipe.name.encode()).hexdigest()[:8]
+            # Named by the recipe, never by its place in the plan (which --rows changes).
+            tag = "f" + hashlib.sha256(recipe.name.encode()).hexdigest()[:8]
             run_dir = out / "runs" / f"{tag}-{recipe.method}-s{seed}-{steps or 'cfg'}"
             runs.append(train_and_eval(recipe, run_dir, seed, steps, base_dir, data, world))
         recipes[recipe.name] = summarise(runs)
