@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch/torchvision first, pinned: the CPU-usable CUDA build that torchvision's wheel needs.
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	# Tests check babelcap's recall against CLIP_benchmark's own function; its metric module needs
+	# only torch and tqdm, while its declared dependencies bring pycocoevalcap's Java jars.
+	$(PY) -m pip install -q --no-deps -c constraints.txt clip-benchmark
 	touch $(STAMP)
 
 # The world models build in the background, in parallel, while tests that need none run.

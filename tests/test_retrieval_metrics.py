@@ -1,10 +1,9 @@
 """Retrieval recall as CLIP_benchmark defines it, checked against CLIP_benchmark's own function.
 
-`clip_benchmark` is not a test dependency: its wheel pulls pycocoevalcap (104 MB of Java jars),
-scikit-learn and webdataset while the metric needs torch only, so its `recall_at_k`, `batchify`
-and the two metric lines of `evaluate` are copied below as they are in
-https://github.com/LAION-AI/CLIP_benchmark/blob/main/clip_benchmark/metrics/zeroshot_retrieval.py
-(clip_benchmark 1.6.2).
+`recall_at_k` and `batchify` are imported from the installed `clip_benchmark` package (1.6.2,
+installed by `make venv` without its dependencies: its metric module needs torch and tqdm only);
+`clip_benchmark_metrics` below repeats the two metric lines of its `evaluate`, which takes a
+model and a dataloader rather than embeddings.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 
 from babelcap.training.evaluate import (
     EmbeddingCache,
@@ -21,31 +21,10 @@ from babelcap.training.evaluate import (
     language_summary,
     retrieval_metrics,
     to_markdown,
+    write_clip_benchmark_results,
 )
 
-# --------------------------------------------------------------- CLIP_benchmark (verbatim copy)
-
-
-def recall_at_k(scores, positive_pairs, k):
-    nb_texts, nb_images = scores.shape
-    topk_indices = torch.topk(scores, k, dim=1)[1]
-    nb_positive = positive_pairs.sum(dim=1)
-    topk_indices_onehot = torch.nn.functional.one_hot(topk_indices, num_classes=nb_images)
-    positive_pairs_reshaped = positive_pairs.view(nb_texts, 1, nb_images)
-    nb_true_positive = (topk_indices_onehot * positive_pairs_reshaped).sum(dim=(1, 2))
-    recall_at_k = nb_true_positive / nb_positive
-    return recall_at_k
-
-
-def batchify(func, X, Y, batch_size, device, *args, **kwargs):
-    results = []
-    for start in range(0, len(X), batch_size):
-        end = start + batch_size
-        x = X[start:end].to(device)
-        y = Y[start:end].to(device)
-        result = func(x, y, *args, **kwargs).cpu()
-        results.append(result)
-    return torch.cat(results)
+# --------------------------------------------------------------- CLIP_benchmark's own metric
 
 
 def clip_benchmark_metrics(images_emb, texts_emb, texts_image_index, recall_k_list=(1, 5, 10)):
@@ -193,6 +172,49 @@ def test_summary_across_languages_and_clip_benchmark_records():
     json.dumps(records)
     table = to_markdown({"base": result})
     assert "| mean_recall | base |" in table and "spread" in table
+
+
+def test_clip_benchmark_result_files_one_object_each_in_its_layout(tmp_path):
+    """As CLIP_benchmark's eval writes them and its build reads a folder: one JSON object per
+    file named {dataset}_{pretrained}_{model}_{language}_{task}.json, its dataset names and
+    language codes (XTD10's Japanese is jp, a Karpathy COCO JSON is mscoco_captions)."""
+    xtd = {**_result("base", {"en": 50.0, "ja": 30.0}), "dataset": "xtd10"}
+    coco = {**_result("tuned", {"pt": 40.0}), "dataset": "karpathy-coco"}
+    coco["pretrained"] = "runs/x/export"  # a folder: "/" becomes "_", as CLIP_benchmark does
+    coco["languages"]["de"] = {"zs_classes": 50.0}  # classification only: no retrieval record
+    folder = tmp_path / "clip_benchmark"
+    folder.mkdir()
+    (folder / "xtd10_laion2b_ViT-B-32_ko_zeroshot_retrieval.json").write_text("{}")  # stale
+    paths = write_clip_benchmark_results({"base": xtd, "tuned": coco}, folder)
+    assert (
+        sorted(p.name for p in folder.iterdir())
+        == sorted(p.name for p in paths)
+        == [
+            "mscoco_captions_runs_x_export_ViT-B-32_pt_zeroshot_retrieval.json",
+            "xtd10_laion2b_ViT-B-32_en_zeroshot_retrieval.json",
+            "xtd10_laion2b_ViT-B-32_jp_zeroshot_retrieval.json",
+        ]
+    )
+    for path in paths:
+        record = json.loads(path.read_text())  # one object, not lines
+        assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(record)
+        assert record["task"] == "zeroshot_retrieval"
+        assert set(record["metrics"]) == {
+            f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)
+        }
+    jp = json.loads((folder / "xtd10_laion2b_ViT-B-32_jp_zeroshot_retrieval.json").read_text())
+    assert jp["language"] == "jp" and jp["metrics"]["image_retrieval_recall@1"] == pytest.approx(
+        0.31
+    )
+    # two models of one report that CLIP_benchmark would name alike: a label prefix each
+    twins = write_clip_benchmark_results(
+        {"a": _result("a", {"en": 1.0}), "b": _result("b", {"en": 2.0})}, folder
+    )
+    assert [p.name for p in twins] == [
+        "a_crossmodal3600_laion2b_ViT-B-32_en_zeroshot_retrieval.json",
+        "b_crossmodal3600_laion2b_ViT-B-32_en_zeroshot_retrieval.json",
+    ]
+    assert len(list(folder.iterdir())) == 2  # the earlier run's files went first
 
 
 def test_embedding_cache_reuses_by_content_and_refuses_pickles(tmp_path):

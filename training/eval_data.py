@@ -10,12 +10,13 @@ CLIP_benchmark, where datasets, class names and templates are data, not code of 
   ``shards[*]:out`` for every origin). Shards have no zero-shot tasks.
 - ``NAME:ARG``: a reader registered under the entry-point group ``babelcap.eval_datasets``
   (``[project.entry-points."babelcap.eval_datasets"]`` in a pyproject), called as
-  ``reader(ARG, languages=..., split=..., max_images=..., max_captions=...)`` and returning
-  `EvalData`. The world registers ``world`` (``world:PATH``); training never imports it.
+  ``reader(ARG, languages=..., split=..., max_images=..., max_captions=...)`` (``languages``
+  None: every language the dataset has) and returning `EvalData`. The world registers
+  ``world`` (``world:PATH``); training never imports it.
 
 After the argument, comma-separated items choose the split (a bare word: ``xm3600:DIR``,
 ``karpathy:dataset_flickr30k.json,test``, ``world:W,val``; ``all`` for every split) and pass
-reader options (``key=value``: ``xtd10:DIR,images=/data/coco/val2014``), so one string names a
+reader options (``key=value``: ``xtd10:DIR,images=/data/coco``), so one string names a
 dataset the same way in `babelcap eval --dataset`, the trainer's config and a benchmark script.
 The public benchmarks' readers (xm3600, xtd10, multi30k, karpathy, manifest) are in
 `babelcap.training.benchmarks`, registered like any other.
@@ -125,12 +126,14 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
 
 def load_eval_data(
     spec: str,
-    languages: Sequence[str],
+    languages: Sequence[str] | None,
     split: str | None = "test",
     max_images: int | None = None,
     max_captions: int | None = None,
 ) -> EvalData:
-    """Read the evaluation dataset `spec` (see the module doc) for `languages`.
+    """Read the evaluation dataset `spec` (see the module doc) for `languages` (None: every
+    language the dataset has; babelcap's readers and shards take None, the world's reader needs
+    its languages named, which `babelcap eval` reads from the world's world.json).
 
     `split`: rows of this split only (None: all; a split in the spec wins); `max_images`: the
     first N images; `max_captions`: at most N captions per image and language.
@@ -179,7 +182,7 @@ def load_eval_data(
             )
     data = reader(
         arg,
-        languages=list(languages),
+        languages=None if languages is None else list(languages),
         split=split,
         max_images=max_images,
         max_captions=max_captions,
@@ -193,30 +196,32 @@ def load_eval_data(
 
 def shard_eval_data(
     specs: str | Sequence[str],
-    languages: Sequence[str],
+    languages: Sequence[str] | None,
     origins: Sequence[str] | None = (schema.ORIGIN_GOLD,),
     split: str | None = None,
     max_images: int | None = None,
     max_captions: int | None = None,
 ) -> EvalData:
-    """Shards' rows with image bytes and captions of `languages` (and `origins`; None: all)."""
+    """Shards' rows with image bytes and captions of `languages` (None: every language of
+    those origins, sorted) and `origins` (None: all)."""
     import pyarrow.dataset as ds
 
     from babelcap.core.images import decode_rgb
     from babelcap.core.shards import find_shards
 
     shards = find_shards(specs)
+    every = languages is None
     data = EvalData(
         images=[],
-        texts={lang: [] for lang in languages},
-        text_to_image={lang: [] for lang in languages},
+        texts={lang: [] for lang in languages or ()},
+        text_to_image={lang: [] for lang in languages or ()},
     )
     dataset = ds.dataset(list(shards.files), format="parquet", filesystem=shards.filesystem)
     columns = ["image_id", "image", "split", "captions"]
     for batch in dataset.to_batches(columns=columns):
         for row in batch.to_pylist():
             if max_images is not None and len(data.images) >= max_images:
-                return data
+                return _in_order(data) if every else data
             if split is not None and row["split"] != split:
                 continue
             image_bytes = (row["image"] or {}).get("bytes")
@@ -224,7 +229,8 @@ def shard_eval_data(
                 continue
             per_lang: dict[str, list[str]] = {}
             for c in row["captions"] or []:
-                if c["language"] in data.texts and (origins is None or c["origin"] in origins):
+                wanted = every or c["language"] in data.texts
+                if wanted and (origins is None or c["origin"] in origins):
                     per_lang.setdefault(c["language"], []).append(c["text"])
             if not per_lang:
                 continue
@@ -233,6 +239,14 @@ def shard_eval_data(
             data.image_ids.append(row["image_id"] or schema.image_id_for(image_bytes))
             for lang, texts in per_lang.items():
                 for text in texts[:max_captions]:
-                    data.texts[lang].append(text)
-                    data.text_to_image[lang].append(i)
+                    data.texts.setdefault(lang, []).append(text)
+                    data.text_to_image.setdefault(lang, []).append(i)
+    return _in_order(data) if every else data
+
+
+def _in_order(data: EvalData) -> EvalData:
+    """`data` with its languages sorted (one order for reports whatever the shards')."""
+    order = sorted(data.texts)
+    data.texts = {lang: data.texts[lang] for lang in order}
+    data.text_to_image = {lang: data.text_to_image[lang] for lang in order}
     return data

@@ -22,7 +22,7 @@ Images are encoded once per model and captions per language in batches; both can
 disk per model (`EmbeddingCache`: keyed by the model's weights and the images' and captions'
 content, .npy read with allow_pickle=False). Evaluation data comes from
 `babelcap.training.eval_data.load_eval_data`; results are plain dicts (JSON), rendered as a
-Markdown table comparing models, a bar chart per language, and CLIP_benchmark's result records.
+Markdown table comparing models, a bar chart per language, and CLIP_benchmark's result files.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ __all__ = [
     "retrieval_metrics",
     "save_report",
     "to_markdown",
+    "write_clip_benchmark_results",
     "zero_shot_accuracy",
 ]
 
@@ -299,6 +301,7 @@ def evaluate(
         "arch": bundle.name,
         "pretrained": bundle.pretrained or bundle.source or "",
         "images": len(data.images),
+        "reader": dict(data.info),  # e.g. images its files list but the folder lacks
         "tie_rule": tie_rule,
         "contamination": contamination,
         "languages": {},
@@ -350,14 +353,26 @@ def language_summary(languages: Mapping[str, Mapping[str, Any]]) -> dict[str, di
     return summary
 
 
-# babelcap's dataset kinds under the names CLIP_benchmark gives them in its results
-CLIP_BENCHMARK_NAMES = {"xm3600": "crossmodal3600", "xtd10": "xtd10", "multi30k": "multi30k"}
+# babelcap's datasets under the names CLIP_benchmark gives them (clip_benchmark/datasets/
+# builder.py); a Karpathy JSON's reader names its data karpathy-<its "dataset" key>
+CLIP_BENCHMARK_NAMES = {
+    "xm3600": "crossmodal3600",
+    "xtd10": "xtd10",
+    "karpathy-flickr30k": "flickr30k",
+    "karpathy-flickr8k": "flickr8k",
+    "karpathy-coco": "mscoco_captions",
+}
+# language codes where CLIP_benchmark's differ from babelcap's (XTD10's Japanese file is _jp)
+CLIP_BENCHMARK_LANGUAGES = {"xtd10": {"ja": "jp"}}
+CLIP_BENCHMARK_TASK = "zeroshot_retrieval"
 
 
 def clip_benchmark_records(result: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One record per language in CLIP_benchmark's result layout (its ``--output`` JSON:
-    dataset, model, pretrained, task, metrics as fractions, language), plus babelcap's label."""
+    """One record per language in CLIP_benchmark's result layout (what its ``eval`` dumps:
+    dataset, model, pretrained, task, metrics as fractions, language, with its names for the
+    dataset and the language), plus babelcap's label and tie rule."""
     dataset = str(result.get("dataset") or "dataset")
+    codes = CLIP_BENCHMARK_LANGUAGES.get(dataset, {})
     records = []
     for lang, m in result["languages"].items():
         metrics: dict[str, float] = {}
@@ -365,19 +380,59 @@ def clip_benchmark_records(result: Mapping[str, Any]) -> list[dict[str, Any]]:
             if f"t2i_r{k}" in m:
                 metrics[f"image_retrieval_recall@{k}"] = m[f"t2i_r{k}"] / 100.0
                 metrics[f"text_retrieval_recall@{k}"] = m[f"i2t_r{k}"] / 100.0
+        if not metrics:  # zero-shot classification only: no retrieval record
+            continue
         records.append(
             {
                 "dataset": CLIP_BENCHMARK_NAMES.get(dataset, dataset),
                 "model": result.get("arch") or result["model"],
                 "pretrained": result.get("pretrained", ""),
-                "task": "zeroshot_retrieval",
+                "task": CLIP_BENCHMARK_TASK,
                 "metrics": metrics,
-                "language": lang,
+                "language": codes.get(lang, lang),
                 "label": result["model"],
                 "tie_rule": result.get("tie_rule", "babelcap"),
             }
         )
     return records
+
+
+def _slug(value: str) -> str:
+    """A file-name part as CLIP_benchmark makes it (a path's "/" becomes "_"), other unsafe
+    characters too."""
+    return re.sub(r"[^\w.+-]+", "_", value.replace("/", "_")).strip("._") or "none"
+
+
+def clip_benchmark_file_name(record: Mapping[str, Any]) -> str:
+    """CLIP_benchmark's default ``--output``: ``{dataset}_{pretrained}_{model}_{language}_
+    {task}.json`` (a pretrained that is a file: its base name, as CLIP_benchmark does)."""
+    pretrained = str(record.get("pretrained") or "")
+    if Path(pretrained).is_file():
+        pretrained = Path(pretrained).name
+    parts = (record["dataset"], pretrained, record["model"], record["language"], record["task"])
+    return "_".join(_slug(str(p)) for p in parts) + ".json"
+
+
+def write_clip_benchmark_results(
+    results: Mapping[str, Mapping[str, Any]], folder: str | Path
+) -> list[Path]:
+    """Each record in its own file, one JSON object, named as CLIP_benchmark names them, so
+    ``clip_benchmark build FOLDER`` reads them with its own results. The folder is babelcap's:
+    its earlier ``*.json`` go first (a rerun on fewer languages leaves no stale record).
+    Two models of one report with the same file name are told apart by a label prefix."""
+    records = [r for result in results.values() for r in clip_benchmark_records(result)]
+    names = [clip_benchmark_file_name(r) for r in records]
+    repeated = {n for n in names if names.count(n) > 1}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.json"):
+        old.unlink()
+    paths = []
+    for record, name in zip(records, names, strict=True):
+        path = folder / (f"{_slug(record['label'])}_{name}" if name in repeated else name)
+        path.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+        paths.append(path)
+    return paths
 
 
 def check_contamination(
@@ -487,8 +542,8 @@ def to_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def save_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:
-    """results.json, results.md, mean_recall.png and clip_benchmark.jsonl (one CLIP_benchmark
-    result record per model and language) in `out_dir`."""
+    """results.json, results.md, mean_recall.png and ``clip_benchmark/`` (one CLIP_benchmark
+    result file per model and language, `write_clip_benchmark_results`) in `out_dir`."""
     from babelcap.training.plots import plot_language_bars
 
     out = Path(out_dir)
@@ -496,13 +551,10 @@ def save_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) -
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(to_markdown(results))
     plot_language_bars(results, out / "mean_recall.png")
-    records = [r for result in results.values() for r in clip_benchmark_records(result)]
-    with open(out / "clip_benchmark.jsonl", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_clip_benchmark_results(results, out / "clip_benchmark")
     return {
         "json": out / "results.json",
         "markdown": out / "results.md",
         "chart": out / "mean_recall.png",
-        "clip_benchmark": out / "clip_benchmark.jsonl",
+        "clip_benchmark": out / "clip_benchmark",
     }

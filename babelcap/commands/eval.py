@@ -41,15 +41,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="datasets",
         action="append",
         metavar="KIND:PATH[,split][,key=value]",
-        help="evaluation dataset (repeat for several): xm3600:DIR, xtd10:DIR[,images=COCO_DIR], "
-        "multi30k:DIR[,test_2017_flickr][,images=FLICKR30K_DIR], karpathy:dataset_flickr30k.json"
-        "[,test][,images=DIR], manifest:FILE.{jsonl,csv,parquet}, world:DIR, shards:PATH (gold "
-        "captions; shards[source]:PATH other origins, shards[*]:PATH all), a plain shard path, or "
-        "any reader registered under the entry-point group babelcap.eval_datasets",
+        help="evaluation dataset (repeat for several): xm3600:DIR, xtd10:DIR[,images=COCO_ROOT] "
+        "(a COCO root with train2014/ and val2014/), multi30k:DIR[,test_2017_mscoco]"
+        "[,images=FLICKR30K_DIR or COCO_ROOT], karpathy:dataset_flickr30k.json[,test]"
+        "[,images=DIR][,pt=flickr30k_pt.token], manifest:FILE.{jsonl,csv,parquet}, "
+        "imagefolder:DIR, world:DIR, shards:PATH (gold captions; shards[source]:PATH other "
+        "origins, shards[*]:PATH all), a plain shard path, or any reader registered under the "
+        "entry-point group babelcap.eval_datasets",
     )
     source.add_argument("--world", metavar="DIR", help="same as --data world:DIR")
     source.add_argument("--shards", metavar="PATH", help="same as --data shards:PATH")
-    parser.add_argument("--languages", default="en,pt,es,de,hi", help="comma-separated")
+    parser.add_argument(
+        "--languages",
+        default=None,
+        help="comma-separated (default: every language the dataset has captions or class names "
+        "in; for a world, the languages it was built with)",
+    )
     parser.add_argument("--split", default="test", help="split (default test; all: every split)")
     parser.add_argument("--max-images", type=int, default=None, help="first N images only")
     parser.add_argument(
@@ -97,10 +104,28 @@ def data_spec(data: str | None, world: str | None = None, shards: str | None = N
     return given[0]
 
 
+def dataset_languages(spec: str) -> list[str] | None:
+    """The languages to evaluate `spec` in when none are named: None (every language the
+    dataset has, which babelcap's readers and shards work out) except for a world, whose
+    reader needs them named: the languages its world.json says it was built with."""
+    from babelcap.training.eval_data import parse_spec, split_options
+
+    kind, _, arg = parse_spec(spec)
+    if kind != "world":
+        return None
+    from babelcap.world.build import world_meta
+
+    path, _, _ = split_options(arg)
+    meta = world_meta(path)
+    if meta is None:
+        raise ValueError(f"{spec}: no world.json; build the world or give --languages")
+    return list(meta["languages"])
+
+
 def run_eval(
     models: Mapping[str, str],
     data: str | None = None,
-    languages: Sequence[str] = ("en",),
+    languages: Sequence[str] | None = None,
     split: str = "test",
     out: str | None = None,
     zero_shot: bool = True,
@@ -114,22 +139,29 @@ def run_eval(
     tie_rule: str = "babelcap",
     embedding_cache: str | None = None,
 ) -> dict:
-    """Evaluate `models` (label -> spec) on the dataset `data` (or `world` / `shards`), each
-    after checking the dataset's images against what the model's run recorded it trained on
-    (with an adapter: the adapter run's record, which includes its base model's)."""
+    """Evaluate `models` (label -> spec) on the dataset `data` (or `world` / `shards`) in
+    `languages` (None: every language it has, `dataset_languages`), each after checking the
+    dataset's images against what the model's run recorded it trained on (with an adapter: the
+    adapter run's record, which includes its base model's)."""
     from babelcap.models.clip import load_clip
     from babelcap.training.contamination import load_run_index
     from babelcap.training.eval_data import load_eval_data
     from babelcap.training.evaluate import EmbeddingCache, evaluate, save_report, to_markdown
     from babelcap.training.export import load_adapter
 
+    spec = data_spec(data, world, shards)
     dataset = load_eval_data(
-        data_spec(data, world, shards),
-        languages,
+        spec,
+        dataset_languages(spec) if languages is None else languages,
         split=None if split == "all" else split,
         max_images=max_images,
         max_captions=max_captions,
     )
+    if dataset.info.get("missing_images"):  # skipped by the reader: say so beside the figures
+        print(
+            f"note: {dataset.info['missing_images']} images listed by {spec} are not in its "
+            "image folder and are not evaluated (results.json: reader.missing_images)"
+        )
     cache = EmbeddingCache(embedding_cache) if embedding_cache else None
     results = {}
     for label, spec in models.items():
@@ -164,7 +196,10 @@ def run_eval(
     print(to_markdown(results), end="")
     if out:
         paths = save_report(results, out)
-        print(f"report: {paths['json']}, {paths['markdown']}, {paths['chart']}")
+        print(
+            f"report: {paths['json']}, {paths['markdown']}, {paths['chart']}, "
+            f"{paths['clip_benchmark']}/ (CLIP_benchmark result files)"
+        )
     return results
 
 
@@ -182,7 +217,7 @@ def _eval(args: argparse.Namespace) -> int:
         run_eval(
             _parse_models(args.model),
             spec,
-            parse_list(args.languages),
+            parse_list(args.languages) or None,  # none named: every language the data has
             args.split,
             out,
             not args.no_zero_shot,

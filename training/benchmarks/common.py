@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -66,6 +67,29 @@ def inside(root: Path, relative: str) -> Path:
     return path
 
 
+# COCO 2014 file names say their folder: COCO_train2014_000000117071.jpg is in train2014/.
+_COCO_NAME = re.compile(r"^COCO_(?P<split>(?:train|val|test)\d{4})_(?P<id>\d+)\.jpg$")
+
+
+def resolve_image(root: Path, name: str) -> Path:
+    """Where image `name` of a name list is under `root`: ``root/<name>`` (a flat folder, as
+    CLIP_benchmark's XTD10 images.tar.gz unpacks), else, for a COCO 2014 name, the folder its
+    ``COCO_<split>_`` prefix names (``root/train2014/<name>``, ``root/val2014/<name>``, as COCO
+    distributes them), else the same image in COCO 2017's layout (``root/train2017/<id>.jpg`` or
+    ``root/val2017/<id>.jpg``: 2017 regrouped the 2014 images under their bare 12-digit ids).
+    XTD10 (800 train2014 + 200 val2014 names) and Multi30K's test_2017_mscoco mix both folders,
+    so one ``images=`` folder cannot hold them otherwise. A name found nowhere gives the path
+    its prefix implies, which the builder reports as missing."""
+    flat = inside(root, name)
+    match = _COCO_NAME.match(name)
+    if match is None or flat.is_file():
+        return flat
+    nested = inside(root, f"{match['split']}/{name}")
+    bare = f"{int(match['id']):012d}.jpg"
+    later = (inside(root, f"{folder}/{bare}") for folder in ("train2017", "val2017"))
+    return first_existing(nested, *later) or nested
+
+
 def file_sha256(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     """sha256 of an image file (the shards' ``image_id``), refusing files over `max_bytes`."""
     h = hashlib.sha256()
@@ -79,9 +103,14 @@ def file_sha256(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     return h.hexdigest()
 
 
-def parse_languages(languages: Sequence[str], available: Iterable[str], what: str) -> list[str]:
-    """`languages` if the dataset has each of them, else a clear error naming what it has."""
+def parse_languages(
+    languages: Sequence[str] | None, available: Iterable[str], what: str
+) -> list[str]:
+    """`languages` if the dataset has each of them (None: all it has, sorted), else a clear
+    error naming what it has."""
     have = set(available)
+    if languages is None:
+        return sorted(have)
     missing = [lang for lang in languages if lang not in have]
     if missing:
         raise DatasetError(
@@ -91,17 +120,20 @@ def parse_languages(languages: Sequence[str], available: Iterable[str], what: st
 
 
 class Builder:
-    """Collects images (by path, each once) and captions per language into `EvalData`."""
+    """Collects images (by path, each once) and captions per language into `EvalData`;
+    `languages` None takes every language the reader passes (the dataset's, sorted)."""
 
     def __init__(
         self,
         name: str,
-        languages: Sequence[str],
+        languages: Sequence[str] | None,
         max_images: int | None = None,
         max_captions: int | None = None,
     ) -> None:
         self.name = name
-        self.languages = list(languages)
+        self.every_language = languages is None
+        languages = [] if languages is None else list(languages)
+        self.languages = languages
         self.max_images = max_images
         self.max_captions = max_captions
         self.index: dict[Path, int] = {}
@@ -131,6 +163,8 @@ class Builder:
         return i
 
     def caption(self, lang: str, text: str, image: int | None) -> None:
+        if self.every_language and lang not in self.data.texts:
+            self.data.texts[lang], self.data.text_to_image[lang] = [], []
         if image is None or lang not in self.data.texts:
             return
         text = text.strip()
@@ -157,5 +191,9 @@ class Builder:
             where = f" (first missing: {self.missing[0]})" if self.missing else ""
             raise DatasetError(f"{self.name}: no images with captions found{where}")
         self.data.image_ids = [file_sha256(p) for p in self.data.images]
+        if self.every_language:  # reports list languages in one order whatever the files'
+            order = sorted(self.data.texts)
+            self.data.texts = {lang: self.data.texts[lang] for lang in order}
+            self.data.text_to_image = {lang: self.data.text_to_image[lang] for lang in order}
         self.data.info = {"kind": self.name, "missing_images": len(self.missing)}
         return self.data

@@ -44,8 +44,19 @@ def _json(path: Path) -> Any:
         raise DatasetError(f"{path}: not JSON ({e})") from None
 
 
-def class_names(path: Path, keys: Sequence[str], languages: Sequence[str]) -> dict[str, list[str]]:
+def class_names(
+    path: Path, keys: Sequence[str], languages: Sequence[str] | None
+) -> dict[str, list[str]]:
+    """Class names per language from `path` (`languages` None: every language it names for
+    all classes)."""
     doc = _json(path)
+    if languages is None:
+        if all(isinstance(doc.get(k), dict) for k in keys):
+            languages = sorted(set.intersection(*(set(doc[k]) for k in keys)))
+        else:
+            languages = sorted(lang for lang, v in doc.items() if isinstance(v, list))
+        if not languages:
+            raise DatasetError(f"{path}: no class names in any language")
     names: dict[str, list[str]] = {}
     for lang in languages:
         if isinstance(doc.get(lang), list):
@@ -64,12 +75,14 @@ def class_names(path: Path, keys: Sequence[str], languages: Sequence[str]) -> di
 
 def load(
     path: str,
-    languages: Sequence[str],
+    languages: Sequence[str] | None,
     split: str | None = "test",
     max_images: int | None = None,
     max_captions: int | None = None,
     task: str = "classes",
 ) -> EvalData:
+    """Zero-shot task from folder `path` (`languages` None: every language of its class
+    names)."""
     root = Path(path)
     base = root / split if split and (root / split).is_dir() else root
     keys = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
@@ -79,6 +92,7 @@ def load(
     if names_file is None:
         raise DatasetError(f"imagefolder: no classnames.json in {root}")
     names = class_names(names_file, keys, languages)
+    languages = list(names)
     own = first_existing(root / "templates.json", base / "templates.json")
     given = _json(own) if own else {}
     templates = {

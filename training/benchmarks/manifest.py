@@ -63,7 +63,7 @@ def _pick(row: dict[str, Any], names: Sequence[str]) -> Any:
 
 def load(
     path: str,
-    languages: Sequence[str],
+    languages: Sequence[str] | None,
     split: str | None = "test",
     max_images: int | None = None,
     max_captions: int | None = None,
@@ -88,7 +88,7 @@ def load(
         seen_langs.add(str(language))
         if split is not None and row.get("split") not in (None, "", split):
             continue
-        if str(language) not in builder.data.texts:
+        if languages is not None and str(language) not in builder.data.texts:
             continue
         where = inside(image_dir, str(image))
         if builder.full() and where not in builder.index:

@@ -28,14 +28,15 @@ _KEY = re.compile(r"^[0-9A-Za-z_-]+$")
 
 def load(
     path: str,
-    languages: Sequence[str],
+    languages: Sequence[str] | None,
     split: str | None = "test",
     max_images: int | None = None,
     max_captions: int | None = None,
     captions: str = "first",
     images: str | None = None,
 ) -> EvalData:
-    """XM3600 from folder `path` (or its ``captions.jsonl``); `split` is ignored (one split)."""
+    """XM3600 from folder `path` (or its ``captions.jsonl``); `languages` None: all 36 (every
+    language in the file); `split` is ignored (one split)."""
     root = Path(path)
     jsonl = root if root.is_file() else first_existing(root / "captions.jsonl")
     if jsonl is None:
@@ -58,11 +59,12 @@ def load(
             raise DatasetError(f"{jsonl}:{n}: not an XM3600 caption line ({e})") from None
         if not isinstance(key, str) or not _KEY.match(key):
             raise DatasetError(f"{jsonl}:{n}: bad image/key {key!r}")
-        seen_langs.update(k for k, v in row.items() if isinstance(v, dict) and "caption" in v)
+        row_langs = [k for k, v in row.items() if isinstance(v, dict) and "caption" in v]
+        seen_langs.update(row_langs)
         if builder.full() and image_dir / f"{key}.jpg" not in builder.index:
             break
         i = builder.image(image_dir / f"{key}.jpg")
-        for lang in languages:
+        for lang in row_langs if languages is None else languages:
             for text in (row.get(lang) or {}).get("caption") or []:
                 builder.caption(lang, str(text), i)
     parse_languages(languages, seen_langs, f"xm3600 {jsonl}")
