@@ -18,16 +18,23 @@ and never an unscored source caption (or a translation of one) when scored ones 
 stays valid; `caption_index` points at the caption in `.txt`.
 
 Safety: tar member names come from a sanitised key (image ids are checked, anything else becomes
-`[A-Za-z0-9_-]` plus a hash), never a path; a repeated image id is skipped (counted), as are
-rows without a usable image (a non-image payload is counted under its decoder reason, not a
-crash). Image references by path are read bounded, regular files only; relative ones only under
-`image_root`. The export writes only its own names into the folder: it refuses to overwrite a
-file that a previous export did not record in `_info.json`, and removes only tars that a
-previous export recorded and this one did not rewrite.
+`[A-Za-z0-9_-]` plus a hash), never a path; a repeated image id is skipped (counted), and so is
+an id whose key equals a key already written (a crafted id equal to another id's sanitised key),
+as are rows without a usable image (a non-image payload is counted under its decoder reason, not
+a crash). Image references by path are read bounded, regular files only; relative ones only
+under `image_root`. Each caption's `model` and the `source_uri` carry no folders of this
+machine (`babelcap.core.paths.portable_ref`). The export writes only its own names into the
+folder: an `_info.json` is believed only when it carries `"format": INFO_FORMAT` and lists only
+plain names an export writes (`sizes.json`, `_info.json`, `PREFIX-NNNNNN.tar`), else the folder
+is refused before anything is written; it refuses to overwrite a file that a previous export
+did not record, and removes only tars that a previous export recorded and this one did not
+rewrite, inside the folder. Files are written under a temporary name and renamed in, never
+through a link.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -48,12 +55,15 @@ from babelcap.core import schema
 from babelcap.core.config import FrozenConfigModel
 from babelcap.core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_rgb
 from babelcap.core.lists import parse_list
+from babelcap.core.paths import portable_ref
 from babelcap.core.shards import find_shards
 
 log = logging.getLogger(__name__)
 
 SIZES = "sizes.json"
 INFO = "_info.json"
+INFO_FORMAT = "babelcap export-wds 1"  # marks an _info.json this module wrote
+_INFO_MAX_BYTES = 64_000_000
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what open_clip's decoder reads as is
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _BATCH_ROWS = 64  # rows (with image bytes) in memory at a time
@@ -106,7 +116,7 @@ class WdsExportConfig(FrozenConfigModel):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        if not _SAFE_KEY.match(value):
+        if not _SAFE_KEY.fullmatch(value):
             raise ValueError("prefix must be letters, digits, '_' or '-'")
         return value
 
@@ -123,7 +133,7 @@ def safe_key(image_id: Any) -> str:
     SHA-256 hex ids babelcap writes are), else its plain characters plus a hash of the id, so
     a crafted id (`../../x`, dots, NUL) can neither escape a folder nor split a sample."""
     text = "" if image_id is None else str(image_id)
-    if _SAFE_KEY.match(text):
+    if _SAFE_KEY.fullmatch(text):
         return text
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return (re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:48] + "_" + digest).lstrip("_")
@@ -250,12 +260,13 @@ def image_payload(image: Mapping[str, Any] | None, config: WdsExportConfig) -> t
     return buf.getvalue(), "png"
 
 
-def _portable_uri(uri: str | None) -> str | None:
-    """URIs and relative paths as they are; an absolute local path is this machine's folder
-    layout, so only its file name travels (the image id identifies the image)."""
-    if not uri or "://" in uri or not os.path.isabs(uri):
-        return uri
-    return os.path.basename(uri)
+def _portable_caption(caption: Mapping[str, Any]) -> dict[str, Any]:
+    """The caption with its `model` (captioner or translator id) without this machine's
+    folders: a Hub id stays, a local model folder becomes its name (`portable_ref`)."""
+    out = dict(caption)
+    if isinstance(out.get("model"), str):
+        out["model"] = portable_ref(out["model"])
+    return out
 
 
 # ----------------------------------------------------------------------------- samples
@@ -265,7 +276,8 @@ def samples(
     shard_set: Any, config: WdsExportConfig, counts: Counter, examples: dict[str, list]
 ) -> Iterator[dict[str, Any]]:
     """WebDataset samples ({"__key__", ext, "txt", "json"}) from validated shard files."""
-    seen: set[str] = set()
+    seen: set[str] = set()  # image ids written
+    keys: set[str] = set()  # tar keys written (two ids may sanitise to one key)
 
     def skip(reason: str, row: Mapping[str, Any], message: str = "") -> None:
         counts[f"skipped.{reason}"] += 1
@@ -292,6 +304,10 @@ def samples(
                 if row["image_id"] in seen:
                     skip("duplicate_image_id", row, "the same image id was exported already")
                     continue
+                key = safe_key(row["image_id"])
+                if key in keys:
+                    skip("duplicate_key", row, f"key {key} is another exported image id's key")
+                    continue
                 try:
                     data, ext = image_payload(row["image"], config)
                 except ImageError as exc:
@@ -301,14 +317,17 @@ def samples(
                     skip("read_error", row, f"{type(exc).__name__}: {exc}")
                     continue
                 seen.add(row["image_id"])
-                key = safe_key(row["image_id"])
+                keys.add(key)
                 if key != row["image_id"]:
                     counts["key_sanitised"] += 1
+                caps = [_portable_caption(c) for c in caps]
                 chosen = caps[index]
                 meta = {
                     "key": key,
                     "image_id": row["image_id"],
-                    "source_uri": _portable_uri(row["source_uri"]),
+                    "source_uri": portable_ref(row["source_uri"])
+                    if row["source_uri"]
+                    else row["source_uri"],
                     "split": row["split"],
                     "language": config.language,
                     "caption": chosen,
@@ -344,7 +363,9 @@ class _TarSink:
         self.close()
         self.index += 1
         self.tmp = self.out / f".{self.name(self.index)}.partial"
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self.tar = tarfile.open(  # noqa: SIM115
+            fileobj=_open_new(self.tmp), mode="w", format=tarfile.USTAR_FORMAT
+        )
         self.count = self.bytes = 0
 
     def write(self, sample: Mapping[str, Any]) -> None:
@@ -369,6 +390,7 @@ class _TarSink:
         if self.tar is None:
             return
         self.tar.close()
+        self.tar.fileobj.close()  # tarfile leaves a file object it was given open
         name = self.name(self.index)
         os.replace(self.tmp, self.out / name)
         self.sizes[name] = self.count
@@ -377,30 +399,82 @@ class _TarSink:
     def abort(self) -> None:
         if self.tar is not None:
             self.tar.close()
+            self.tar.fileobj.close()
             self.tmp.unlink(missing_ok=True)
             self.tar = None
 
 
+def _open_new(path: Path) -> Any:
+    """A fresh file at `path` (one of this module's own temporary names) for writing: whatever
+    is there (a leftover, a link) is unlinked first and the file is created exclusively, so a
+    write never follows a link out of the folder."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "wb")
+
+
+def _write_replace(out: Path, name: str, text: str) -> None:
+    """Write `out/name` whole: a temporary file, then one rename (which replaces a link
+    rather than writing through it)."""
+    tmp = out / f".{name}.partial"
+    with _open_new(tmp) as f:
+        f.write(text.encode("utf-8"))
+    os.replace(tmp, out / name)
+
+
+def _tar_pattern(prefix: str) -> re.Pattern:
+    return re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar")
+
+
+def _not_ours(info: Path, why: str) -> ExportError:
+    return ExportError(
+        f"{info}: {why}; it was not written by babelcap export-wds, so nothing in "
+        f"{info.parent} is overwritten or removed: choose another folder"
+    )
+
+
 def _previous_files(out: Path) -> set[str]:
-    """Names a previous export recorded in `_info.json` (its own files)."""
+    """Names a previous export recorded in its `_info.json` (its own files), or ExportError
+    when `_info.json` is there and is not one this module wrote: it must carry INFO_FORMAT, a
+    safe prefix, and list only `sizes.json`, `_info.json` and tars `PREFIX-NNNNNN.tar` of that
+    prefix (plain names, so nothing outside the folder can ever be named)."""
     info = out / INFO
-    if not info.is_file():
+    if not info.exists() and not info.is_symlink():
         return set()
+    if info.is_symlink() or not info.is_file():
+        raise _not_ours(info, "not a regular file")
+    if info.stat().st_size > _INFO_MAX_BYTES:
+        raise _not_ours(info, "too large for an export record")
     try:
-        data = json.loads(info.read_bytes()[:10_000_000])
-        return {str(n) for n in data.get("files", []) if isinstance(n, str)}
-    except (ValueError, AttributeError):
-        raise ExportError(f"{info}: not an export-wds record; choose another folder") from None
+        data = json.loads(info.read_bytes())
+    except (ValueError, RecursionError):
+        raise _not_ours(info, "not JSON") from None
+    if not isinstance(data, dict) or data.get("format") != INFO_FORMAT:
+        raise _not_ours(info, f'no "format": "{INFO_FORMAT}"')
+    config = data.get("config")
+    prefix = config.get("prefix") if isinstance(config, dict) else None
+    files = data.get("files")
+    if not isinstance(prefix, str) or not _SAFE_KEY.fullmatch(prefix):
+        raise _not_ours(info, "no valid prefix")
+    if not isinstance(files, list):
+        raise _not_ours(info, "no file list")
+    tars = _tar_pattern(prefix)
+    for name in files:
+        if not (isinstance(name, str) and (name in (SIZES, INFO) or tars.fullmatch(name))):
+            raise _not_ours(info, f"it lists {str(name)[:100]!r}, not a name an export writes")
+    return set(files)
 
 
 def _check_folder(out: Path, config: WdsExportConfig) -> set[str]:
-    """Refuse to overwrite anything that is not a previous export's own file."""
+    """Refuse to overwrite anything that is not a previous export's own file (see
+    `_previous_files`); returns the previous export's files."""
     previous = _previous_files(out)
-    pattern = re.compile(rf"^{re.escape(config.prefix)}-\d{{6}}\.tar$")
+    pattern = _tar_pattern(config.prefix)
     theirs = sorted(
         p.name
         for p in out.iterdir()
-        if (pattern.match(p.name) or p.name == SIZES) and p.name not in previous
+        if (pattern.fullmatch(p.name) or p.name == SIZES) and p.name not in previous
     )
     if theirs:
         raise ExportError(
@@ -408,7 +482,26 @@ def _check_folder(out: Path, config: WdsExportConfig) -> set[str]:
             "by an earlier export-wds (no _info.json lists it): refusing to overwrite; choose "
             "another folder or --prefix"
         )
+    folders = sorted(
+        p.name
+        for p in out.iterdir()
+        if (p.name in previous or p.name == SIZES or pattern.fullmatch(p.name))
+        and p.is_dir()
+        and not p.is_symlink()
+    )
+    if folders:
+        raise ExportError(f"{out}: {', '.join(folders[:5])} is a folder: refusing to replace it")
     return previous
+
+
+def _remove_stale(out: Path, names: Sequence[str]) -> None:
+    """Unlink an earlier export's own tars (plain names already checked) inside `out` only."""
+    for name in names:
+        path = out / name
+        if path.parent != out or os.path.basename(name) != name:  # never outside the folder
+            raise ExportError(f"{name}: not a plain file name in {out}")
+        if path.is_file() or path.is_symlink():  # a link itself, never what it points to
+            path.unlink(missing_ok=True)
 
 
 def export_webdataset(
@@ -442,9 +535,8 @@ def export_webdataset(
     sizes = sink.sizes
     written = set(sizes)
     stale = sorted(n for n in previous if n not in written and n.endswith(".tar"))
-    for name in stale:  # an earlier export's own tars, not rewritten now
-        (out / name).unlink(missing_ok=True)
-    (out / SIZES).write_text(json.dumps(sizes, indent=1))
+    _remove_stale(out, stale)  # an earlier export's own tars, not rewritten now
+    _write_replace(out, SIZES, json.dumps(sizes, indent=1))
     n = len(sizes)
     pattern = f"{config.prefix}-{{000000..{max(n - 1, 0):06d}}}.tar" if n else None
     skipped = {k.removeprefix("skipped."): v for k, v in counts.items() if k.startswith("skipped.")}
@@ -466,18 +558,16 @@ def export_webdataset(
         "out": os.fspath(out),
     }
     info = {
-        "format": "babelcap export-wds 1",
+        "format": INFO_FORMAT,
         "config": config.to_dict(),
         "inputs": [
-            _portable_uri(os.path.abspath(f) if "://" not in f else f) for f in shard_set.files
+            portable_ref(os.path.abspath(f) if "://" not in f else f) for f in shard_set.files
         ],
         "files": sorted([*sizes, SIZES, INFO]),
         **{k: v for k, v in result.items() if k not in ("out", "sizes")},
         "skipped_examples": examples,
     }
-    tmp = out / f".{INFO}.partial"
-    tmp.write_text(json.dumps(info, indent=1, ensure_ascii=False))
-    os.replace(tmp, out / INFO)
+    _write_replace(out, INFO, json.dumps(info, indent=1, ensure_ascii=False))
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from babelcap.cli import main
 from babelcap.core import schema
+from babelcap.core.paths import portable_ref
 from babelcap.core.shards import write_shard
 from babelcap.pipelines.export_wds import (
     ExportError,
@@ -122,7 +124,7 @@ def test_export_chooses_caption_selects_splits_and_keeps_links(tmp_path):
         src = caps[meta["caption"]["source_index"]]
         assert src["text"] == "a big red star" and src["language"] == "en"
         assert meta["caption_score"] == pytest.approx(0.42)
-        assert meta["source_uri"] == f"{key[:8]}.png"  # no absolute path of this machine
+        assert meta["source_uri"] == f"photos/{key[:8]}.png"  # no folders of this machine
         assert Image.open(io.BytesIO(sample["png"])).size == (8, 6)
     info = json.loads((tmp_path / "wds" / "_info.json").read_text())
     assert info["files"] == ["_info.json", "shard-000000.tar", "sizes.json"]
@@ -161,6 +163,60 @@ def test_crafted_ids_duplicates_and_non_images_are_skipped_or_made_safe(tmp_path
     assert info["skipped_examples"]["not_an_image"][0]["image_id"] == "e" * 64
 
 
+def test_keys_are_unique_after_sanitising(tmp_path):
+    """A crafted plain id equal to another id's sanitised key is skipped, never a second sample
+    under the same key (issue 13 audit, G10)."""
+    dotted = "photo.2024"
+    taken = safe_key(dotted)  # photo_2024_<hash>, itself a plain id
+    rows = [_row(dotted, _png((1, 0, 0))), _row(taken, _png((2, 0, 0))), _row("z" * 64, _png())]
+    rows_reversed = [rows[1], rows[0], rows[2]]
+    for i, order in enumerate((rows, rows_reversed)):
+        out = tmp_path / f"wds{i}"
+        result = export_webdataset(_shards(tmp_path / str(i), order), out, "pt")
+        assert result["written"] == 2 and result["skipped"] == {"duplicate_key": 1}
+        with tarfile.open(out / "shard-000000.tar") as tar:
+            names = tar.getnames()
+        assert len(names) == len(set(names)) == 6  # png, txt, json of two samples
+        assert sorted(_samples(out)) == sorted([taken, "z" * 64])
+        info = json.loads((out / "_info.json").read_text())
+        skipped = info["skipped_examples"]["duplicate_key"][0]["image_id"]
+        assert skipped == order[1]["image_id"]  # the later one is the one skipped
+
+
+def test_portable_ref():
+    assert portable_ref("Salesforce/blip-image-captioning-base") == (
+        "Salesforce/blip-image-captioning-base"
+    )
+    assert portable_ref("gs://b/models/blip") == "gs://b/models/blip"
+    assert portable_ref("relative/models/x") == "relative/models/x"
+    assert portable_ref("/home/someone/models/blip-base") == "blip-base"
+    assert portable_ref("/home/someone/models/blip-base/") == "blip-base"
+    assert portable_ref("/srv/models/opus-mt-en-pt/ct2") == "opus-mt-en-pt/ct2"
+    assert portable_ref("/srv/clip/text/") == "clip/text"
+    assert portable_ref("file:///srv/models/opus-mt-en-pt/ct2") == "opus-mt-en-pt/ct2"
+    assert portable_ref("/home/someone/data/in/part-0.parquet") == "in/part-0.parquet"
+    assert portable_ref("/root/.cache/huggingface/hub/models--org--name/snapshots/0a1b") == (
+        "org/name"
+    )
+    assert portable_ref("/") == "/"
+
+
+def test_caption_models_carry_no_local_folders(tmp_path):
+    caps = _captions()
+    caps[1]["model"] = "/home/someone/work/models/blip-base"
+    caps[2]["model"] = "Salesforce/blip-image-captioning-base"
+    caps[4]["model"] = "/home/someone/work/models/opus-mt-en-pt/ct2"
+    caps[5]["model"] = "/home/someone/work/models/opus-mt-en-pt/ct2/"
+    out = tmp_path / "wds"
+    export_webdataset(_shards(tmp_path, [_row("a" * 64, _png(), caps=caps)]), out, "pt")
+    meta = json.loads(_samples(out)["a" * 64]["json"])
+    models = [c.get("model") for c in meta["captions"]]
+    assert models[1:3] == ["blip-base", "Salesforce/blip-image-captioning-base"]
+    assert models[4:] == ["opus-mt-en-pt/ct2"] * 2 and meta["caption"]["model"] == models[5]
+    assert "/home/" not in (out / "_info.json").read_text()
+    assert not any("/home/" in (m or "") for m in models)
+
+
 def test_stale_tars_are_not_listed_and_foreign_files_are_never_overwritten(tmp_path):
     rows = [_row(f"{i:064x}", _png((i, 0, 0))) for i in range(5)]
     src = _shards(tmp_path, rows)
@@ -184,6 +240,62 @@ def test_stale_tars_are_not_listed_and_foreign_files_are_never_overwritten(tmp_p
         export_webdataset(src, theirs, "pt")
     assert (theirs / "shard-000000.tar").read_bytes() == b"user data"
     assert sorted(p.name for p in theirs.iterdir()) == ["shard-000000.tar"]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"files": ["shard-000000.tar"], "note": "mine"},  # a user's _info.json: no format
+        {"format": "something else 1", "files": []},
+        [1, 2, 3],
+        "not json {",
+        {"format": "babelcap export-wds 1", "config": {"prefix": "shard"}, "files": ["../v.tar"]},
+        {"format": "babelcap export-wds 1", "config": {"prefix": "shard"}, "files": ["{abs}"]},
+        {"format": "babelcap export-wds 1", "config": {"prefix": "shard"}, "files": ["mine.tar"]},
+        {"format": "babelcap export-wds 1", "config": {"prefix": "shard"}, "files": ["notes.txt"]},
+        {"format": "babelcap export-wds 1", "config": {"prefix": "../x"}, "files": []},
+        {"format": "babelcap export-wds 1", "config": {"prefix": "shard"}, "files": "sizes.json"},
+    ],
+)
+def test_an_info_json_babelcap_did_not_write_is_never_trusted(tmp_path, info):
+    """export-wds believes an `_info.json` only when it carries the export's format and lists
+    only names an export writes: otherwise it refuses the folder and changes nothing, inside
+    or outside it (issue 13 audit, G1)."""
+    src = _shards(tmp_path, [_row("a" * 64, _png())])
+    outside = tmp_path / "v.tar"
+    outside.write_bytes(b"victim")
+    out = tmp_path / "wds"
+    out.mkdir()
+    for name in ("mine.tar", "notes.txt", "shard-000007.tar"):
+        (out / name).write_bytes(b"mine")
+    text = info if isinstance(info, str) else json.dumps(info).replace("{abs}", str(outside))
+    (out / "_info.json").write_text(text)
+    before = _tree(tmp_path)
+    with pytest.raises(ExportError, match="not written by babelcap export-wds"):
+        export_webdataset(src, out, "pt")
+    assert _tree(tmp_path) == before
+
+
+def test_an_export_removes_only_its_own_tars_and_never_writes_through_links(tmp_path):
+    src = _shards(tmp_path, [_row(f"{i:064x}", _png((i, 0, 0))) for i in range(3)])
+    out = tmp_path / "wds"
+    assert export_webdataset(src, out, "pt", maxcount=1, prefix="a")["tars"] == 3
+    victim = tmp_path / "victim.json"
+    victim.write_text("precious")
+    (out / "sizes.json").unlink()
+    os.symlink(victim, out / "sizes.json")  # a link in place of the export's own file
+    (out / "a-000002.tar").unlink()
+    os.symlink(victim, out / "a-000002.tar")
+    again = export_webdataset(src, out, "pt", maxcount=10, prefix="b")
+    assert again["removed_stale"] == ["a-000000.tar", "a-000001.tar", "a-000002.tar"]
+    assert victim.read_text() == "precious"  # links replaced or removed, never written through
+    assert not (out / "sizes.json").is_symlink()
+    assert json.loads((out / "sizes.json").read_text()) == {"b-000000.tar": 3}
+    assert sorted(p.name for p in out.iterdir()) == ["_info.json", "b-000000.tar", "sizes.json"]
 
 
 def test_cli_flags_come_from_the_config(tmp_path, capsys):

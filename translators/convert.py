@@ -36,6 +36,20 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
+# What CTranslate2's converter writes: with TOKENIZER_FILES and METADATA, the files of a
+# conversion whose METADATA predates its "files" list.
+CONVERTER_FILES = (
+    "model.bin",
+    "config.json",
+    "shared_vocabulary.json",
+    "shared_vocabulary.txt",
+    "source_vocabulary.json",
+    "source_vocabulary.txt",
+    "target_vocabulary.json",
+    "target_vocabulary.txt",
+    "vocabulary.json",
+    "vocabulary.txt",
+)
 QUANTIZATIONS = (
     "int8",
     "int8_float32",
@@ -70,6 +84,38 @@ def _files_to_copy(model: str) -> list[str]:
         log.warning("cannot list files of %s (%s); copying the Marian/NLLB defaults", model, exc)
         present = {"source.spm", "target.spm", "sentencepiece.bpe.model", "tokenizer_config.json"}
     return [f for f in TOKENIZER_FILES if f in present]
+
+
+def _plain_name(name: Any) -> bool:
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+    )
+
+
+def _own_files(out: Path) -> set[str] | None:
+    """The names of an earlier conversion's files in `out` (as its METADATA records them, or
+    the converter's and tokenizer names for a METADATA without a list), or None when `out`
+    holds no METADATA that `convert_model` wrote (then nothing in it is ours)."""
+    path = out / METADATA
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1_000_000:
+            return None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not (
+        isinstance(meta, dict)
+        and meta.get("format") == 1
+        and isinstance(meta.get("family"), str)
+        and isinstance(meta.get("model_id"), str)
+    ):
+        return None
+    files = meta.get("files")
+    if isinstance(files, list) and all(_plain_name(f) for f in files):
+        return {*files, METADATA}
+    return {*CONVERTER_FILES, *TOKENIZER_FILES, METADATA}
 
 
 def _sha256(path: Path) -> str:
@@ -134,11 +180,11 @@ def convert_model(
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} exists and is not empty (pass force=True / --force)")
-        if not (out / METADATA).is_file():
+        if _own_files(out) is None:
             # --force replaces an earlier conversion, never a folder of the user's.
             raise FileExistsError(
-                f"{out} is not empty and is not a converted translator (no {METADATA}): "
-                "refusing to replace it, even with --force"
+                f"{out} is not empty and is not a converted translator (no {METADATA} written "
+                "by convert-translator): refusing to replace it, even with --force"
             )
     hf_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     tok_cfg_path = Path(model) / "tokenizer_config.json"
@@ -209,10 +255,42 @@ def _finish(
         "model_id": _sha256(new / "model.bin"),
         "ctranslate2_version": ctranslate2.__version__,
         "transformers_version": transformers.__version__,
+        # this conversion's own files: a later --force removes these and nothing else
+        "files": sorted(p.name for p in new.iterdir() if p.name != METADATA),
     }
     (new / METADATA).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    if out.exists():  # empty, or an earlier conversion (checked above)
-        out.rename(work / "old")
-    new.rename(out)
+    _swap_in(work, new, out)
     log.info("converted %s (%s) into %s", model, family, out)
     return out
+
+
+def _swap_in(work: Path, new: Path, out: Path) -> None:
+    """Put the conversion in `new` at `out`. `out` is absent, empty, or an earlier conversion
+    (checked by `convert_model`): holding only that conversion's own files, it is swapped out
+    whole; holding anything else too (a user's notes), only the earlier conversion's own files
+    are replaced, in place, METADATA last, and everything else stays."""
+    if not out.exists():
+        new.rename(out)
+        return
+    own = _own_files(out) or set()
+    present = {e.name for e in os.scandir(out)}
+    others = present - own
+    if not others:
+        out.rename(work / "old")
+        new.rename(out)
+        return
+    incoming = {e.name for e in os.scandir(new)}
+    clash = sorted(others & incoming)
+    if clash:
+        raise FileExistsError(
+            f"{out} holds {', '.join(clash[:5])}, which this conversion writes but the earlier "
+            "one did not record: refusing to overwrite; move them or choose another folder"
+        )
+    log.info("keeping %d file(s) in %s that are not the conversion's", len(others), out)
+    for name in sorted(own - {METADATA}):
+        path = out / name
+        if path.is_symlink() or path.is_file():  # never a folder of the same name
+            path.unlink()
+    for name in sorted(incoming - {METADATA}):
+        os.replace(new / name, out / name)
+    os.replace(new / METADATA, out / METADATA)

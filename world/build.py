@@ -23,7 +23,7 @@ import json
 import multiprocessing
 import os
 import random
-import shutil
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,9 +56,29 @@ TEST_WORLD: dict[str, Any] = {"n_images": 400, "seed": 7, "image_size": 64}
 # world.json keys that identify a build: same values -> same bytes.
 _IDENTITY = ("version", "seed", "n_images", "image_size", "alt_text_noise", "languages", "counts")
 _OUTPUTS = ("world.json", "manifest.jsonl", "scenes.jsonl", "images", "gold")
-# Written first by every build: a folder with world files but neither this nor world.json is
-# the user's, and `build_world` refuses to replace its images/ or gold/.
+# Written first by every build (with exactly WORLD_MARKER_TEXT): a folder with world files and
+# neither this marker nor a world.json of babelcap's keys is the user's, and `build_world`
+# refuses to touch it.
 WORLD_MARKER = ".babelcap-world"
+WORLD_MARKER_TEXT = "babelcap world build\n"
+# world.json keys (and their types) that every build writes: a world.json without all of them is
+# not proof that the folder is a babelcap world.
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "version": int,
+    "seed": int,
+    "n_images": int,
+    "image_size": int,
+    "alt_text_noise": (int, float),
+    "languages": list,
+    "num_variants": int,
+    "counts": dict,
+    "shapes": list,
+    "colours": list,
+    "sizes": list,
+}
+# The files a build writes under images/ and gold/: only these are removed by a rebuild.
+_OWN_IMAGE = re.compile(r"\d{6,}\.png")
+_OWN_GOLD = re.compile(r"[a-z]{2,3}\.jsonl")
 
 
 def image_rng(seed: int, index: int) -> random.Random:
@@ -118,6 +138,79 @@ def _make_image(
     }
 
 
+def _babelcap_meta(path: Path) -> bool:
+    """Is `path` a world.json that babelcap wrote (a JSON object with all of its keys)?"""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1_000_000:
+            return False
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and all(
+        isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool)
+        for k, t in _META_TYPES.items()
+    )
+
+
+def _marker_is_ours(path: Path) -> bool:
+    try:
+        return (
+            not path.is_symlink()
+            and path.is_file()
+            and path.stat().st_size < 100
+            and path.read_text(encoding="utf-8") == WORLD_MARKER_TEXT
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def is_world_folder(out: str | Path) -> bool:
+    """Did a babelcap world build write into `out`? Its marker file (exactly as a build writes
+    it) or a world.json with every key a build writes; any other world.json is not proof."""
+    out = Path(out)
+    return _marker_is_ours(out / WORLD_MARKER) or _babelcap_meta(out / "world.json")
+
+
+def _write_marker(out: Path) -> None:
+    marker = out / WORLD_MARKER
+    if marker.is_symlink():  # never write through a link
+        marker.unlink()
+    marker.write_text(WORLD_MARKER_TEXT, encoding="utf-8")
+
+
+def _check_layout(out: Path) -> None:
+    """FileExistsError when a build would have to write through a link or replace a folder or
+    a file that is in the way (checked before anything is written)."""
+    for name in ("world.json", "manifest.jsonl", "scenes.jsonl"):
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            raise FileExistsError(f"{out / name} is a folder: refusing to replace it")
+    for folder in [out / "images", *(out / "images" / s for s in SPLITS), out / "gold"]:
+        if folder.is_symlink():
+            raise FileExistsError(f"{folder} is a link: refusing to write through it")
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"{folder} is not a folder: refusing to replace it")
+
+
+def _remove_world_files(out: Path) -> None:
+    """Remove what an earlier build wrote: its top-level files, images/<split>/NNNNNN.png and
+    gold/<lang>.jsonl, and those folders when that leaves them empty. Anything else in them
+    (a user's file) stays."""
+    for name in ("world.json", "manifest.jsonl", "scenes.jsonl"):
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    owned = [*((out / "images" / s, _OWN_IMAGE) for s in SPLITS), (out / "gold", _OWN_GOLD)]
+    for folder, pattern in owned:
+        if not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):
+            if pattern.fullmatch(entry.name) and (entry.is_symlink() or entry.is_file()):
+                os.unlink(entry.path)
+    for folder in [*(out / "images" / s for s in SPLITS), out / "images", out / "gold"]:
+        with contextlib.suppress(OSError):  # only when empty
+            folder.rmdir()
+
+
 def _dumps(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
 
@@ -150,23 +243,19 @@ def build_world(
     counts = split_counts(n_images, splits)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ours = (out / WORLD_MARKER).exists() or (out / "world.json").exists()
-    theirs = [name for name in _OUTPUTS if (out / name).exists()]
-    if theirs and not ours:
+    theirs = [name for name in _OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    if theirs and not is_world_folder(out):
         raise FileExistsError(
-            f"{out} holds {', '.join(theirs)} but is not a babelcap world (no world.json or "
-            f"{WORLD_MARKER}): refusing to replace them; choose an empty or new folder"
+            f"{out} holds {', '.join(theirs)} but is not a babelcap world (no world.json written "
+            f"by babelcap, no {WORLD_MARKER}): refusing to replace them; choose an empty or new "
+            "folder"
         )
-    (out / WORLD_MARKER).write_text("babelcap world build\n", encoding="utf-8")
-    for name in _OUTPUTS:  # never mix files of two builds (models/ is left alone)
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    _check_layout(out)
+    _write_marker(out)
+    _remove_world_files(out)  # never mix files of two builds (models/ is left alone)
     for split in SPLITS:
-        (out / "images" / split).mkdir(parents=True)
-    (out / "gold").mkdir()
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    (out / "gold").mkdir(exist_ok=True)
 
     if workers is None:
         # A pool only pays off for bigger worlds.
