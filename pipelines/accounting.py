@@ -72,13 +72,27 @@ class MergeStats(beam.CombineFn):
         return dict(sorted(acc.items()))
 
 
-def balance(stats: Mapping[str, int], rows: int, dead_letter_rows: int, duplicates: int) -> dict:
+def balance(
+    stats: Mapping[str, int],
+    rows: int,
+    dead_letter_rows: int,
+    duplicates: int,
+    planned: int | None = None,
+) -> dict:
     """The accounting for the run manifest; raise AccountingError when it does not hold.
 
     `rows`, `dead_letter_rows` and `duplicates` (dead letters of a NOT_FAILURES kind) come from
     the written files (the truth); `stats[INPUTS]` from the counting of inputs at the source.
+    `planned`, when given, is how many inputs the unit's plan holds: fewer counted means some
+    planned input was neither read nor dead-lettered (the reader turns those into `not_read`
+    dead letters, so this is the last check), and the unit must not commit as balanced.
     """
     inputs = int(stats.get(INPUTS, 0))
+    if planned is not None and inputs < planned:
+        raise AccountingError(
+            f"accounting mismatch: {planned} inputs planned for the unit but {inputs} counted: "
+            f"{planned - inputs} planned inputs were neither read nor dead-lettered"
+        )
     dead = dead_letter_rows - duplicates
     books = {
         "inputs": inputs,

@@ -20,8 +20,9 @@ DEAD = "dead_letter"
 DUPLICATE_IMAGE = "duplicate_image"
 
 # Kinds whose cause may go away by itself (an object store or network hiccup that outlived
-# the reader's own retries): re-running just these inputs can succeed (`--retry-failed`).
-TRANSIENT_KINDS: frozenset[str] = frozenset({"read_error"})
+# the reader's own retries; a planned input the reader did not come to in this run):
+# re-running just these inputs can succeed (`--retry-failed`).
+TRANSIENT_KINDS: frozenset[str] = frozenset({"read_error", "not_read"})
 
 # Kinds the input itself causes: the same input fails the same way on every run, so retrying
 # is pointless until the user fixes it. (Kinds not listed in either set are treated as
@@ -44,6 +45,18 @@ PERMANENT_READ_KINDS: frozenset[str] = frozenset(
         "no_image_in_sample",
     }
 )
+
+
+# Longest dead-letter message: messages quote input (a path, a value, a parser's error), and a
+# 1 MiB row must not become a 1 MiB message. Longer ones are cut, saying how long they were.
+MAX_MESSAGE_CHARS = 500
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` cut to `limit` characters, with an ellipsis and its original length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
 
 
 def printable(text: str) -> str:
@@ -72,7 +85,7 @@ def reject(
         printable(element.get("input_ref") or element.get("uri") or "?"),
         stage,
         kind,
-        printable(message),
+        clip(printable(message)),
         image_id=element.get("image_id"),
     )
     return pvalue.TaggedOutput(DEAD, {"row": row, "stats": element.get("stats", {})})

@@ -13,9 +13,17 @@ becomes a dead letter with its reference and reason (kinds: `deadletter.PERMANEN
 - Manifests are read line by line (split on `\\n` only: U+2028 inside a JSON string is data);
   a line or CSV row over `MAX_ROW_BYTES`, JSON nested too deep, a CSV field over the limit, a
   path or language that is not a string: that row is a dead letter, the rest go on.
+- Compressed manifests and tars are inflated here, `INFLATE_CHUNK` bytes at a time (`_Inflate`;
+  never Beam's CompressedFile, which inflates 16 MiB of compressed input in one call): a gzip
+  bomb costs the line limit, not its inflated size. The compression comes from the name.
+- Parquet manifests are read in batches of about `PARQUET_BATCH_BYTES`, sized from the footer;
+  a row group whose needed columns are over `parquet_group_limit` (uncompressed, from the
+  footer) is refused unread, and an embedded image over `max_file_bytes` is refused from its
+  Arrow length before it is copied out.
 - Relative manifest paths resolve inside the manifest's folder and may not climb out of it
-  (`path_outside_manifest`) unless `allow_outside_paths`; absolute paths and URIs are the
-  user's explicit choice and stay allowed.
+  (`path_outside_manifest`), by name or through a symlink (local paths are checked by their
+  real path), unless `allow_outside_paths`; absolute paths and URIs are the user's explicit
+  choice and stay allowed.
 - Tars are opened with the compression their name says (`.tar` is uncompressed: a gzip stream
   named `.tar` is a `bad_tar` dead letter, never inflated); member sizes are checked from the
   header before any byte is read (`max_file_bytes`; `.txt`/`.json` members `MAX_ROW_BYTES`);
@@ -24,9 +32,15 @@ becomes a dead letter with its reference and reason (kinds: `deadletter.PERMANEN
   `WDS_GROUP_BYTES` held); a member later than that is a `split_sample` dead letter.
 - Language codes are normalised once, here, through the translators' language table
   (`en-US`, `pt_BR` -> `en`, `pt`); an unknown code is kept as given and counted.
-- `ReadBytes` refuses non-regular local files from `os.stat` before opening them, bounds every
-  read, and retries transient errors (object stores, network) before dead-lettering them as
-  `read_error` (the one transient kind).
+- Transient errors (object stores, network: `classify_read_error`) are retried with bounded
+  backoff: `ReadBytes` retries the whole read; a manifest or tar being streamed is reopened at
+  the byte where it failed (`_RetryingStream`) and read on. What still fails after the retries
+  is dead-lettered as `read_error`, the transient kind `--retry-failed` reprocesses.
+- `ReadBytes` refuses non-regular local files from `os.stat` before opening them, and bounds
+  every read.
+- Within a work unit, every planned input the reader did not emit (the manifest changed or
+  failed part way since the driver listed it) becomes a `not_read` dead letter (`ReadInputs`),
+  so a unit's books balance against its plan, not only against what was read.
 
 All file access goes through `apache_beam.io.filesystems.FileSystems`, so `gs://` works on
 Dataflow. An input record is a dict:
@@ -39,17 +53,24 @@ Dataflow. An input record is a dict:
 
 from __future__ import annotations
 
+import bz2
+import contextlib
 import csv
 import errno
+import http.client
+import io
 import json
+import logging
+import lzma
 import os
 import posixpath
 import re
 import stat
 import tarfile
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+import zlib
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection, Iterator
 from functools import lru_cache
 from typing import IO, Any
 
@@ -58,16 +79,28 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from babelcap.pipelines.accounting import INPUTS, bump
-from babelcap.pipelines.deadletter import DEAD, printable, reject
+from babelcap.pipelines.deadletter import DEAD, clip, printable, reject
 from babelcap.pipelines.options import AugmentConfig
 from babelcap.translators.languages import resolve
 
+log = logging.getLogger(__name__)
+
 TEXT_MANIFEST_EXTENSIONS = (".jsonl", ".json", ".ndjson", ".csv")
 MANIFEST_EXTENSIONS = (*TEXT_MANIFEST_EXTENSIONS, ".parquet")
-# Compressions a text manifest may carry, by extension (Beam's FileSystems decompress them).
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".xz", ".deflate")
-# Tar name endings -> tarfile stream mode. Chosen from the name, never sniffed (`r|*` would
-# inflate a gzip bomb named `.tar`).
+# Compressions a text manifest may carry, by extension -> how `_Inflate` reads it (the names
+# Beam's FileSystems know; `zst` needs the `zstandard` package).
+COMPRESSION_SUFFIXES = {
+    ".gz": "gz",
+    ".bz2": "bz2",
+    ".zst": "zst",
+    ".zstd": "zst",
+    ".xz": "xz",
+    ".lzma": "xz",
+    ".deflate": "deflate",
+}
+# Tar name endings -> stream mode (`r|` + compression). Chosen from the name, never sniffed
+# (`r|*` would inflate a gzip bomb named `.tar`); the tar itself is always read with `r|`
+# over `_Inflate`, which bounds what one read inflates.
 TAR_MODES = {
     ".tar": "r|",
     ".tar.gz": "r|gz",
@@ -76,6 +109,8 @@ TAR_MODES = {
     ".tbz2": "r|bz2",
     ".tar.xz": "r|xz",
     ".txz": "r|xz",
+    ".tar.zst": "r|zst",
+    ".tzst": "r|zst",
 }
 IMAGE_COLUMNS = ("image_path", "image", "path", "file", "filename", "file_name", "url", "uri")
 CAPTION_COLUMNS = ("caption", "text", "alt_text", "alt", "txt")
@@ -97,9 +132,28 @@ MAX_REMEMBERED_KEYS = 100_000
 # Longest language code (BCP-47 tags in practice stay well under this) and split name.
 MAX_LANGUAGE_CHARS = 64
 MAX_SPLIT_CHARS = 256
-# Transient read errors are retried this many times, waiting READ_BACKOFF_S * 2**attempt.
+# Transient read errors are retried this many times, waiting READ_BACKOFF_S * 2**attempt (at
+# most READ_BACKOFF_MAX_S); a streamed manifest or tar is reopened at most STREAM_REOPENS times
+# in all (each failure that passes counts: a flaky store cannot keep one file going forever).
 READ_RETRIES = 3
 READ_BACKOFF_S = 0.5
+READ_BACKOFF_MAX_S = 8.0
+STREAM_REOPENS = 12
+# Compressed input: raw bytes are read, and inflated, this many bytes per step.
+RAW_CHUNK = 1 << 16
+INFLATE_CHUNK = 1 << 16
+# Memory an xz or zstd decoder may use for the window its header asks for (xz -9 needs 65 MiB;
+# zstd's own default limit is this): a header asking for more is a dead letter, not an
+# allocation.
+MAX_DECODER_BYTES = 128 << 20
+# Parquet manifests: a batch holds about this many bytes of the needed columns (from the
+# footer's sizes; at least one row, at most PARQUET_BATCH_ROWS rows) ...
+PARQUET_BATCH_BYTES = 8 << 20
+PARQUET_BATCH_ROWS = 64
+# ... and a row group whose needed columns hold more than this (uncompressed, from the footer)
+# is refused without being read (pyarrow inflates a data page whole): at least
+# 4 x max_file_bytes, so that rows of images up to the file limit always fit.
+PARQUET_GROUP_BYTES = 256 << 20
 
 # csv's default field limit is 131,072 characters; a field up to a whole row is allowed (and
 # bounded by the row limit), a larger one is a csv.Error for that row only.
@@ -111,6 +165,17 @@ def _strip_compression(lower: str) -> str:
         if lower.endswith(suffix):
             return lower[: -len(suffix)]
     return lower
+
+
+def compression_of(path: str) -> str | None:
+    """The compression a manifest's name says (`m.jsonl.gz` -> `gz`), or None."""
+    lower = path.lower()
+    return next((c for ext, c in COMPRESSION_SUFFIXES.items() if lower.endswith(ext)), None)
+
+
+def parquet_group_limit(max_file_bytes: int) -> int:
+    """Largest Parquet row group (uncompressed bytes of the columns read) read at all."""
+    return max(PARQUET_GROUP_BYTES, 4 * max_file_bytes)
 
 
 def tar_mode(path: str) -> str | None:
@@ -148,19 +213,36 @@ def _not_regular(path: str) -> str | None:
     return None if stat.S_ISREG(mode) else _file_type(mode)
 
 
-def _resolve_path(base_dir: str, path: str, allow_outside: bool) -> str | None:
-    """A manifest path -> the path to read, or None when a relative path climbs out of the
-    manifest's folder (and that is not allowed). URIs and absolute paths are untouched."""
+def _resolve_path(
+    base_dir: str, path: str, allow_outside: bool, base_real: str | None = None
+) -> str | None:
+    """A manifest path -> the path to read, or None when a relative path leaves the manifest's
+    folder (and that is not allowed). URIs and absolute paths are untouched.
+
+    `..` is resolved by name (as in a URL); then, for a local path, the file it names must
+    really lie inside the folder, symlinks followed (`imgs -> /` in the folder does not make
+    `imgs/etc/passwd` readable). `base_real`: the folder's real path, when known already."""
     if "://" in path or path.startswith("/"):
         return path
     rel = posixpath.normpath(path)
     if not allow_outside and (rel == ".." or rel.startswith("../")):
         return None
     if not base_dir:
-        return rel
-    scheme, sep, rest = base_dir.partition("://")
-    joined = posixpath.normpath(posixpath.join(rest if sep else scheme, rel))
-    return f"{scheme}://{joined}" if sep else joined
+        joined = rel
+    else:
+        scheme, sep, rest = base_dir.partition("://")
+        joined = posixpath.normpath(posixpath.join(rest if sep else scheme, rel))
+        joined = f"{scheme}://{joined}" if sep else joined
+    if not allow_outside and _is_local(joined):
+        root = base_real or _real_folder(base_dir)
+        real = os.path.realpath(_local(joined))
+        if real != root and not real.startswith(root.rstrip("/") + "/"):
+            return None
+    return joined
+
+
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(_local(folder) or ".")
 
 
 def _dirname(path: str) -> str:
@@ -252,7 +334,9 @@ def _label(value: Any, field: str, max_chars: int) -> str | None:
     if not isinstance(value, str):
         raise RowError("bad_manifest_row", f"{field} must be {what}, not {_type_name(value)}")
     if printable(value) != value:
-        raise RowError("bad_manifest_row", f"{field} is not valid UTF-8: {printable(value)!r}")
+        raise RowError(
+            "bad_manifest_row", f"{field} is not valid UTF-8: {clip(printable(value), 100)!r}"
+        )
     if len(value) > max_chars:
         raise RowError("bad_manifest_row", f"{field} longer than {max_chars} characters")
     return value
@@ -266,9 +350,227 @@ class RowError(ValueError):
         self.kind = kind
 
 
+class ReadFailed(Exception):
+    """Reading a manifest or tar failed for a reason of the file, not of its content (missing,
+    permissions, or a transient error that outlived the retries): `kind` is the dead-letter
+    kind (`read_error` when transient)."""
+
+    def __init__(self, kind: str, transient: bool, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.transient = transient
+
+
+class _RetryingStream(io.RawIOBase):
+    """A file opened through Beam's FileSystems (raw bytes, no decompression) whose transient
+    errors (`classify_read_error`) are retried with bounded backoff: the file is reopened and
+    positioned at the byte where it failed (seek, or reading up to it), so a decompressor, a
+    line reader or tarfile above it reads on as if nothing happened. A permanent error, or a
+    transient one that outlives the retries, raises `ReadFailed`."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.retries = READ_RETRIES
+        self.backoff_s = READ_BACKOFF_S
+        self.pos = 0
+        self.reopens = 0
+        self.f: Any = None
+        self._do(lambda f: None)  # open now: a missing file fails here, with its kind
+
+    def _open(self) -> Any:
+        f = FileSystems.open(self.path, compression_type=CompressionTypes.UNCOMPRESSED)
+        if self.pos:
+            if getattr(f, "seekable", lambda: False)():
+                f.seek(self.pos)
+            else:  # read up to where we were, in bounded steps
+                left = self.pos
+                while left:
+                    got = len(f.read(min(left, RAW_CHUNK)))
+                    if not got:
+                        raise ValueError(f"{self.path} is shorter than when it was opened")
+                    left -= got
+        return f
+
+    def _do(self, op: Callable[[Any], Any]) -> Any:
+        attempt = 0
+        while True:
+            try:
+                if self.f is None:
+                    self.f = self._open()
+                return op(self.f)
+            except Exception as exc:
+                kind, transient = classify_read_error(exc)
+                self._drop()
+                if not transient or attempt >= self.retries or self.reopens >= STREAM_REOPENS:
+                    tries = f" (after {attempt + 1} attempts)" if attempt else ""
+                    msg = f"{type(exc).__name__}: {exc}{tries}"
+                    raise ReadFailed(kind, transient, msg) from exc
+                log.warning(
+                    "%s: %s: %s; reopening at byte %d", self.path, type(exc).__name__, exc, self.pos
+                )
+                time.sleep(min(READ_BACKOFF_MAX_S, self.backoff_s * 2**attempt))
+                attempt += 1
+                self.reopens += 1
+
+    def _drop(self) -> None:
+        f, self.f = self.f, None
+        if f is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close
+                f.close()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return bool(self._do(lambda f: getattr(f, "seekable", lambda: False)()))
+
+    def read(self, size: int | None = -1) -> bytes:
+        n = -1 if size is None else size
+        data = self._do(lambda f: f.read(n))
+        self.pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = self._do(lambda f: f.seek(offset, whence))
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+class _Zlib:
+    """zlib's decompressobj with the interface of bz2's and lzma's decompressors (input not
+    consumed because of `max_length` is kept here, not handed back)."""
+
+    def __init__(self, wbits: int):
+        self.d = zlib.decompressobj(wbits)
+        self.tail = b""
+
+    @property
+    def eof(self) -> bool:
+        return self.d.eof
+
+    @property
+    def unused_data(self) -> bytes:
+        return self.d.unused_data
+
+    @property
+    def needs_input(self) -> bool:
+        return not self.tail
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        out = self.d.decompress(self.tail + data if self.tail else data, max_length)
+        self.tail = self.d.unconsumed_tail
+        return out
+
+
+class _Inflate(io.RawIOBase):
+    """Streaming decompression in which every `read(n)` inflates at most n bytes (at most
+    `INFLATE_CHUNK` for `read()`), from `RAW_CHUNK` compressed bytes at a time: a small file
+    that inflates to gigabytes is never in memory at once. Memory is the caller's buffer plus
+    the decoder's window (32 KiB for gzip/deflate, about 4 MiB for bzip2, at most
+    `MAX_DECODER_BYTES` for xz). Concatenated streams (multi-member gzip, pbzip2, xz) are read
+    on; a stream that ends before its end marker (a cut download) raises EOFError."""
+
+    def __init__(self, raw: IO[bytes], kind: str):
+        super().__init__()
+        if kind not in ("gz", "deflate", "bz2", "xz"):
+            raise ValueError(f"unknown compression {kind!r}")
+        self.raw = raw
+        self.kind = kind
+        self.d = self._new()
+        self.done = False
+
+    def _new(self) -> Any:
+        if self.kind == "gz":
+            return _Zlib(16 + zlib.MAX_WBITS)
+        if self.kind == "deflate":
+            return _Zlib(zlib.MAX_WBITS)
+        if self.kind == "bz2":
+            return bz2.BZ2Decompressor()
+        return lzma.LZMADecompressor(memlimit=MAX_DECODER_BYTES)  # .xz and .lzma alike
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        n = INFLATE_CHUNK if size is None or size < 0 else size
+        if n == 0 or self.done:
+            return b""
+        while True:
+            if self.d.eof:  # a stream ended: another may follow (concatenated files)
+                data = self.d.unused_data
+                while True:
+                    if self.kind == "gz":
+                        data = data.lstrip(b"\0")  # gzip allows zero padding at the end
+                    if data:
+                        break
+                    data = self.raw.read(RAW_CHUNK)
+                    if not data:
+                        self.done = True
+                        return b""
+                self.d = self._new()
+            elif self.d.needs_input:
+                data = self.raw.read(RAW_CHUNK)
+                if not data:
+                    out = self.d.decompress(b"", n)  # what the decoder still holds
+                    if out:
+                        return out
+                    raise EOFError(
+                        f"the {self.kind} data ends before its end marker (a cut or partial file)"
+                    )
+            else:
+                data = b""
+            out = self.d.decompress(data, n)
+            if out:
+                return out
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _decompressing(raw: IO[bytes], kind: str | None) -> IO[bytes]:
+    """`raw` read through the decompression `kind` (None: as it is), bounded per read."""
+    if not kind:
+        return raw
+    if kind == "zst":
+        try:
+            import zstandard
+        except ImportError as exc:
+            raw.close()
+            raise ValueError(
+                "zstd data needs the `zstandard` package (pip install zstandard)"
+            ) from exc
+        decoder = zstandard.ZstdDecompressor(max_window_size=MAX_DECODER_BYTES)
+        return decoder.stream_reader(raw, read_size=RAW_CHUNK, read_across_frames=True)
+    return _Inflate(raw, kind)
+
+
+def open_stream(path: str, compression: str | None = None) -> IO[bytes]:
+    """A manifest or tar for streaming: raw bytes through FileSystems (any filesystem), with
+    transient errors retried (`_RetryingStream`) and `compression` inflated a bounded step at a
+    time (`_Inflate`). Raises ReadFailed when the file cannot be opened."""
+    return _decompressing(_RetryingStream(path), compression)
+
+
 class _LineReader:
-    """`readline(limit)` over any file object with `read(n)` (Beam's decompressing files have
-    a readline without a size limit)."""
+    """`readline(limit)` over any file object with `read(n)`."""
 
     CHUNK = 1 << 16
 
@@ -319,23 +621,48 @@ def _decode(line: bytes) -> str:
 
 
 class _CsvLines:
-    """Feeds csv.reader decoded physical lines; remembers, since the last `mark()`, which were
-    over the limit and how many quote characters went by (odd: inside a quoted field)."""
+    """Feeds csv.reader decoded physical lines; remembers, since the last `mark()` (one row),
+    its first and last line numbers, whether a line was over the limit, how many quote
+    characters went by (odd: inside a quoted field), and the lines themselves (up to
+    `RESYNC_BYTES`), so that a row a never-closed quote ran to the end of the file can be
+    read again from its second line (`resync`). `exhausted`: the file has ended."""
+
+    RESYNC_BYTES = 2 * MAX_ROW_BYTES
 
     def __init__(self, lines: Iterator[tuple[int, bytes | None, int]]):
         self.lines = lines
-        self.too_long = False
-        self.quotes = 0
+        self.pushed: deque[tuple[int, bytes | None, int]] = deque()  # lines to give again
+        self.exhausted = False
+        self.mark()
 
     def mark(self) -> None:
         self.too_long, self.quotes = False, 0
+        self.first = self.last = 0
+        self.kept: list[tuple[int, bytes | None, int]] | None = []
+        self.kept_bytes = 0
 
     def __iter__(self) -> _CsvLines:
         return self
 
     def __next__(self) -> str:
-        lineno, line, quotes = next(self.lines)
+        if self.pushed:
+            item = self.pushed.popleft()
+        else:
+            try:
+                item = next(self.lines)
+            except StopIteration:
+                self.exhausted = True
+                raise
+        lineno, line, quotes = item
+        self.first = self.first or lineno
+        self.last = lineno
         self.quotes += quotes
+        if self.kept is not None:
+            self.kept_bytes += MAX_ROW_BYTES if line is None else len(line)
+            if self.kept_bytes > self.RESYNC_BYTES:
+                self.kept = None  # too much to read again
+            else:
+                self.kept.append(item)
         if line is None:
             self.too_long = True
             return '"' * (quotes % 2) + "\n"  # same quoting state as the line it replaces
@@ -343,6 +670,22 @@ class _CsvLines:
         if lineno == 1:
             text = text.removeprefix("\ufeff")  # spreadsheets' UTF-8 byte-order mark
         return text + "\n"
+
+    def span(self) -> str:
+        """For a message: the lines the current row took, when more than one."""
+        if self.last <= self.first:
+            return ""
+        n = self.last - self.first + 1
+        return f" (lines L{self.first}-L{self.last}, {n} lines, taken as one row)"
+
+    def resync(self) -> bool:
+        """Give the current row's lines but its first again (after a quote opened in the first
+        line ran to the end of the file); False when there are none or they were not kept."""
+        if not self.kept or len(self.kept) < 2:
+            return False
+        self.pushed.extendleft(reversed(self.kept[1:]))
+        self.exhausted = False
+        return True
 
     def skip_quoted_rest(self) -> None:
         """After a csv.Error inside a quoted field: drop the lines up to the one closing it,
@@ -376,6 +719,36 @@ class _BoundedTarInfo(tarfile.TarInfo):
         if self.type == tarfile.GNUTYPE_SPARSE and getattr(self, "_sparse_structs", (0, 0))[1]:
             raise tarfile.SubsequentHeaderError("sparse member with an extended sparse map")
         return super()._proc_member(tar)
+
+
+def _parquet_sizes(batch: Any, image_col: str) -> tuple[list[int], list[int]]:
+    """Per row of an Arrow record batch: (bytes of its embedded image, bytes of its other
+    string and binary values), from Arrow's own lengths: nothing is copied out. The image is
+    the image column when it holds bytes, or the `bytes` field of its struct (Hugging Face)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    image, other = [0] * n, [0] * n
+    for name, col in zip(batch.schema.names, batch.columns, strict=True):
+        if pa.types.is_struct(col.type):
+            parts = [
+                (col.type.field(k).name == "bytes", pc.struct_field(col, [k]))
+                for k in range(col.type.num_fields)
+            ]
+        else:
+            parts = [(True, col)]
+        for is_bytes_field, arr in parts:
+            try:
+                lengths = pc.binary_length(arr).to_pylist()
+            except (pa.ArrowNotImplementedError, pa.ArrowInvalid, TypeError):
+                continue  # not a string or binary value (a number, a list...)
+            binary = pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)
+            target = image if name == image_col and binary and is_bytes_field else other
+            for j, length in enumerate(lengths):
+                if length:
+                    target[j] += length
+    return image, other
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -415,21 +788,32 @@ class ExpandInput(beam.DoFn):
 
     # --- folder -------------------------------------------------------------------------
     def _folder(self, folder: str) -> Iterator[Any]:
-        if _is_local(folder) and os.path.isfile(_local(folder)):
-            # A file of unknown kind is not an empty folder: say so instead of 0 inputs.
-            rec = _record(folder, (folder, 0), uri=folder)
-            yield reject(
-                rec,
-                "read",
-                "unknown_input",
-                f"{folder}: a file, but not a known manifest ({', '.join(MANIFEST_EXTENSIONS)}"
-                f", optionally compressed) or tar ({', '.join(TAR_MODES)}); set input_format",
-            )
-            return
-        if _is_local(folder) and not os.path.isdir(_local(folder)):
-            rec = _record(folder, (folder, 0), uri=folder)
-            yield reject(rec, "read", "missing_file", f"{folder}: no such folder")
-            return
+        if _is_local(folder):
+            try:
+                mode = os.stat(_local(folder)).st_mode
+            except OSError as exc:
+                kind = classify_read_error(exc)[0]
+                why = "no such folder" if kind == "missing_file" else f"{type(exc).__name__}: {exc}"
+                rec = _record(folder, (folder, 0), uri=folder)
+                yield reject(rec, "read", kind, f"{folder}: {why}")
+                return
+            if stat.S_ISREG(mode):
+                # A file of unknown kind is not an empty folder: say so instead of 0 inputs.
+                rec = _record(folder, (folder, 0), uri=folder)
+                yield reject(
+                    rec,
+                    "read",
+                    "unknown_input",
+                    f"{folder}: a file, but not a known manifest "
+                    f"({', '.join(MANIFEST_EXTENSIONS)}, optionally compressed: "
+                    f"{', '.join(COMPRESSION_SUFFIXES)}) or tar ({', '.join(TAR_MODES)}); set "
+                    "input_format",
+                )
+                return
+            if not stat.S_ISDIR(mode):  # a FIFO, device or socket: never opened
+                rec = _record(folder, (folder, 0), uri=folder)
+                yield reject(rec, "read", "not_a_regular_file", f"{folder}: {_file_type(mode)}")
+                return
         exts = tuple(e.lower() for e in self.config.image_extensions)
         pattern = folder.rstrip("/") + "/**"
         metas = FileSystems.match([pattern])[0].metadata_list
@@ -454,30 +838,38 @@ class ExpandInput(beam.DoFn):
         else:
             rows = self._jsonl_rows(path)
         base = _dirname(path)
+        base_real = _real_folder(base) if _is_local(base or ".") else None
         lineno = 0
         while True:
             try:
                 lineno, row, error = next(rows)
             except StopIteration:
                 return
-            except Exception as exc:  # the file itself: missing, corrupt gzip, bad header
-                kind = classify_read_error(exc)[0] if isinstance(exc, OSError) else "bad_manifest"
+            except Exception as exc:  # the file itself: missing, cut, corrupt, bad header
+                if isinstance(exc, ReadFailed):  # its kind: missing, read_error (transient)...
+                    kind, why = exc.kind, str(exc)
+                else:  # the content: corrupt compression, CSV header, Parquet structure
+                    kind, why = "bad_manifest", f"{type(exc).__name__}: {exc}"
                 ref = f"{path}#after:L{lineno}" if lineno else path
-                msg = f"{path}: rest of the manifest unreadable: {type(exc).__name__}: {exc}"
+                msg = f"{path}: rest of the manifest unreadable: {why}"
                 yield reject(_record(ref, (path, lineno + 1)), "read", kind, msg)
                 return
             ref = f"{path}#L{lineno}"
             try:
+                if isinstance(error, RowError):
+                    raise error
                 if error is not None:
                     raise RowError("bad_manifest_row", error)
-                yield self._manifest_record(ref, (path, lineno), base, row)
+                yield self._manifest_record(ref, (path, lineno), base, row, base_real)
             except RowError as exc:
                 yield reject(_record(ref, (path, lineno)), "read", exc.kind, str(exc))
             except Exception as exc:  # any other surprise in one row stays in that row
                 msg = f"{type(exc).__name__}: {exc}"
                 yield reject(_record(ref, (path, lineno)), "read", "bad_manifest_row", msg)
 
-    def _manifest_record(self, ref: str, order: tuple, base: str, row: dict) -> dict[str, Any]:
+    def _manifest_record(
+        self, ref: str, order: tuple, base: str, row: dict, base_real: str | None = None
+    ) -> dict[str, Any]:
         cfg = self.config
         img_col = _pick(row, cfg.image_column, IMAGE_COLUMNS)
         value = row.get(img_col) if img_col else None
@@ -501,12 +893,12 @@ class ExpandInput(beam.DoFn):
                 raise RowError("file_too_large", f"embedded image > {cfg.max_file_bytes} bytes")
             uri = value or ref
         else:
-            uri = _resolve_path(base, value, cfg.allow_outside_paths)
+            uri = _resolve_path(base, value, cfg.allow_outside_paths, base_real)
             if uri is None:
                 raise RowError(
                     "path_outside_manifest",
-                    f"{value[:200]!r} leaves the manifest's folder {base} "
-                    "(use an absolute path, or allow_outside_paths)",
+                    f"{value[:200]!r} leaves the manifest's folder {base or '.'}, by name or "
+                    "through a symlink (use an absolute path, or allow_outside_paths)",
                 )
         cap_col = _pick(row, cfg.caption_column, CAPTION_COLUMNS)
         caption, cap_err = _text(row.get(cap_col)) if cap_col else (None, None)
@@ -526,10 +918,11 @@ class ExpandInput(beam.DoFn):
 
     @staticmethod
     def _open_text(path: str) -> IO[bytes]:
-        # Compression from the name (`.jsonl.gz`); Beam streams it (remote files too).
-        return FileSystems.open(path, compression_type=CompressionTypes.AUTO)
+        # Compression from the name (`.jsonl.gz`), inflated a bounded step at a time; any
+        # filesystem, transient errors retried where the stream broke.
+        return open_stream(path, compression_of(path))
 
-    def _jsonl_rows(self, path: str) -> Iterator[tuple[int, dict, str | None]]:
+    def _jsonl_rows(self, path: str) -> Iterator[tuple[int, dict, str | RowError | None]]:
         with self._open_text(path) as f:
             for lineno, line, _ in _bounded_lines(_LineReader(f), MAX_ROW_BYTES):
                 if line is None:
@@ -556,13 +949,12 @@ class ExpandInput(beam.DoFn):
                     continue
                 yield lineno, row, None
 
-    def _csv_rows(self, path: str) -> Iterator[tuple[int, dict, str | None]]:
+    def _csv_rows(self, path: str) -> Iterator[tuple[int, dict, str | RowError | None]]:
         with self._open_text(path) as f:
             lines = _CsvLines(_bounded_lines(_LineReader(f), MAX_ROW_BYTES))
             reader = csv.reader(lines)
             header: list[str] | None = None
             while True:
-                start = reader.line_num + 1
                 lines.mark()
                 try:
                     values = next(reader)
@@ -571,8 +963,22 @@ class ExpandInput(beam.DoFn):
                 except csv.Error as exc:
                     if header is None:
                         raise ValueError(f"unreadable CSV header: {exc}") from exc
+                    start = lines.first
                     lines.skip_quoted_rest()
-                    yield start, {}, f"CSV: {exc}"
+                    yield start, {}, f"CSV: {exc}{lines.span()}"
+                    continue
+                start = lines.first
+                if lines.exhausted:
+                    # The file ended inside a quoted field: a quote opened in this row never
+                    # closes (a legitimate multi-line field does). The row is a dead letter,
+                    # and the lines it swallowed are read again as rows of their own.
+                    if header is None:
+                        raise ValueError("a quote in the CSV header never closes")
+                    span = lines.span()
+                    if lines.resync():
+                        reader = csv.reader(lines)
+                        span += "; the lines after its first are read again"
+                    yield start, {}, f"CSV: a quote opened in this row never closes{span}"
                     continue
                 if lines.too_long:
                     if header is None:
@@ -586,11 +992,14 @@ class ExpandInput(beam.DoFn):
                     continue  # blank line
                 yield start, dict(zip(header, values, strict=False)), None
 
-    def _parquet_rows(self, path: str) -> Iterator[tuple[int, dict, str | None]]:
+    def _parquet_rows(self, path: str) -> Iterator[tuple[int, dict, str | RowError | None]]:
         import pyarrow.parquet as pq
 
         # Read from the open file in small batches (never the whole file into memory): a
-        # Hugging Face manifest can carry every image's bytes.
+        # Hugging Face manifest can carry every image's bytes. What pyarrow holds at once is
+        # one data page of a column (inflated whole) and one batch; both are bounded from the
+        # footer before a byte of data is read (the row group cap), and an embedded image over
+        # the file limit is refused from its Arrow length, never copied out.
         cfg = self.config
         wanted = {
             *((cfg.image_column,) if cfg.image_column else IMAGE_COLUMNS),
@@ -598,20 +1007,60 @@ class ExpandInput(beam.DoFn):
             *((cfg.language_column,) if cfg.language_column else LANGUAGE_COLUMNS),
             "split",
         }
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            pf = pq.ParquetFile(f)
+        limit = cfg.max_file_bytes
+        group_limit = parquet_group_limit(limit)
+        with open_stream(path) as f:
+            # buffer_size: column chunks are streamed page by page, not read whole.
+            pf = pq.ParquetFile(f, buffer_size=1 << 20)
             # Only the columns a row needs are read (a dataset's embeddings or other images
             # stay on disk).
             names = pf.schema_arrow.names
             columns = [n for n in names if n in wanted]
             images = (cfg.image_column,) if cfg.image_column else IMAGE_COLUMNS
-            if not any(c in columns for c in images):
+            image_col = next((c for c in images if c in columns), None)
+            if image_col is None:
                 raise ValueError(f"no image column ({', '.join(images)}) among {names[:50]}")
+            meta = pf.metadata
             i = 0
-            for batch in pf.iter_batches(batch_size=64, columns=columns):
-                for row in batch.to_pylist():
-                    i += 1
-                    yield i, row, None
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                size = sum(
+                    group.column(j).total_uncompressed_size
+                    for j in range(group.num_columns)
+                    if group.column(j).path_in_schema.split(".", 1)[0] in columns
+                )
+                if size > group_limit:
+                    why = (
+                        f"row group {g} holds {size} bytes of the columns read (uncompressed; "
+                        f"> {group_limit}): not read. Write the manifest with smaller row "
+                        "groups (e.g. row_group_size=100), or raise max_file_bytes"
+                    )
+                    for _ in range(group.num_rows):
+                        i += 1
+                        yield i, {}, RowError("file_too_large", why)  # one each: raised once
+                    continue
+                per_row = max(1, size // max(1, group.num_rows))
+                batch_rows = max(1, min(PARQUET_BATCH_ROWS, PARQUET_BATCH_BYTES // per_row))
+                for batch in pf.iter_batches(
+                    batch_size=batch_rows, row_groups=[g], columns=columns
+                ):
+                    image_bytes, other_bytes = _parquet_sizes(batch, image_col)
+                    if max(image_bytes, default=0) <= limit and (
+                        max(other_bytes, default=0) <= MAX_ROW_BYTES
+                    ):
+                        for row in batch.to_pylist():
+                            i += 1
+                            yield i, row, None
+                        continue
+                    for j in range(batch.num_rows):  # only the rows within bounds copied out
+                        i += 1
+                        if image_bytes[j] > limit:
+                            msg = f"embedded image of {image_bytes[j]} bytes (> {limit})"
+                            yield i, {}, RowError("file_too_large", msg)
+                        elif other_bytes[j] > MAX_ROW_BYTES:
+                            yield i, {}, f"row longer than {MAX_ROW_BYTES} bytes"
+                        else:
+                            yield i, batch.slice(j, 1).to_pylist()[0], None
 
     # --- webdataset ---------------------------------------------------------------------
     def _webdataset(self, pattern: str) -> Iterator[Any]:
@@ -638,7 +1087,7 @@ class ExpandInput(beam.DoFn):
             rec = _record(tar_path, (tar_path, 0))
             yield reject(rec, "read", "not_a_regular_file", f"{tar_path}: {why}")
             return
-        mode = tar_mode(tar_path) or "r|"
+        compression = (tar_mode(tar_path) or "r|").split("|", 1)[1] or None
         pending: OrderedDict[str, dict[str, Any]] = OrderedDict()  # key -> sample being built
         emitted: OrderedDict[str, None] = OrderedDict()  # recent keys already emitted
         held = [0]  # bytes of the pending samples
@@ -675,7 +1124,9 @@ class ExpandInput(beam.DoFn):
                 sample["problems"].append(("bad_sample", f"duplicate member {info.name!r}"))
                 sample["problems"] = sample["problems"][:5]
             elif ext in WDS_IMAGE_EXTS or ext in WDS_TEXT_EXTS:
+                reading[0] = key  # should this read fail, the sample is cut: see below
                 sample["members"][ext] = read(info)
+                reading[0] = None
                 sample["bytes"] += info.size
                 held[0] += info.size
             # Emit the oldest samples once the window of keys, or of bytes held, is full.
@@ -689,11 +1140,14 @@ class ExpandInput(beam.DoFn):
                     emitted.popitem(last=False)
                 yield emit(old_key, old)
 
-        last_key = ""
+        last_key, prev_key = "", ""
+        reading: list[str | None] = [None]  # the key whose member is being read
         try:
+            # Always an uncompressed tar stream, read through `_Inflate` for the compression
+            # the name says: tarfile's own `r|gz` inflates 10 KB at a time without a bound.
             with (
-                FileSystems.open(tar_path, compression_type=CompressionTypes.UNCOMPRESSED) as f,
-                tarfile.open(fileobj=f, mode=mode, tarinfo=_BoundedTarInfo) as tar,
+                open_stream(tar_path, compression) as f,
+                tarfile.open(fileobj=f, mode="r|", tarinfo=_BoundedTarInfo) as tar,
             ):
 
                 def read(info: tarfile.TarInfo) -> bytes:
@@ -708,17 +1162,28 @@ class ExpandInput(beam.DoFn):
                         continue
                     stem, ext = base.split(".", 1)
                     key = posixpath.join(posixpath.dirname(info.name), stem)
-                    last_key = key
+                    if key != last_key:
+                        last_key, prev_key = key, last_key
                     yield from add(key, ext.lower(), info, read)
-        except Exception as exc:  # tarfile/zlib/lzma/bz2/OS errors: all mean a bad file
+        except Exception as exc:
             # The rest of this file is unreadable: what was read so far still counts; the
-            # rest is one dead letter for the file (no tar header tells how many samples).
+            # rest is one dead letter for the file (no tar header tells how many samples):
+            # `read_error` (transient) or another kind of the file itself when reading failed,
+            # `bad_tar` when what was read is not a tar (tarfile/zlib/lzma/bz2 errors).
+            # A sample whose member was being read when it failed is cut: it is part of the
+            # rest, not a sample with a member missing.
+            if reading[0] is not None and pending.pop(reading[0], None) is not None:
+                last_key = prev_key if reading[0] == last_key else last_key
             for key, sample in pending.items():
                 yield emit(key, sample)
             pending.clear()
             ref = f"{tar_path}#after:{last_key}" if last_key else tar_path
             rec = _record(ref, (tar_path, index))
-            yield reject(rec, "read", "bad_tar", f"{tar_path}: {self._tar_hint(tar_path, exc)}")
+            if isinstance(exc, ReadFailed):
+                yield reject(rec, "read", exc.kind, f"{tar_path}: {exc}")
+            else:
+                msg = f"{tar_path}: {self._tar_hint(tar_path, exc)}"
+                yield reject(rec, "read", "bad_tar", msg)
             return
         for key, sample in pending.items():
             yield emit(key, sample)
@@ -808,6 +1273,8 @@ _PERMANENT_ERRNOS = {
     errno.EINVAL,
     errno.ENXIO,
 }
+# Exception class names (any library's: google.api_core, botocore, requests, urllib3,
+# google.auth, Beam's own retries) that mean "try again later".
 _TRANSIENT_NAMES = (
     "Timeout",
     "Unavailable",
@@ -817,16 +1284,79 @@ _TRANSIENT_NAMES = (
     "InternalServerError",
     "ServiceUnavailable",
     "BadGateway",
+    "GatewayTimeout",
+    "DeadlineExceeded",
+    "IncompleteRead",
+    "RemoteDisconnected",
+    "ProtocolError",
+    "ChunkedEncodingError",
+    "TransportError",
+    "Throttl",
+    "SlowDown",
     "BrokenPipe",
     "Retry",
 )
+# Error codes of object stores (botocore's `response["Error"]["Code"]` and the like).
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+_DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "AllAccessDisabled", "403", "401"})
+
+
+def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, error code) an exception carries, if any: google.api_core (`code`),
+    requests (`response.status_code`), botocore (`response["Error"]["Code"]`,
+    `response["ResponseMetadata"]["HTTPStatusCode"]`), urllib (`code`), others (`status`)."""
+    status: Any = None
+    code: Any = None
+    for attr in ("code", "status_code", "status"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            status = value
+            break
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error") or {}
+        code = error.get("Code") if isinstance(error, dict) else None
+        meta = response.get("ResponseMetadata") or {}
+        if status is None and isinstance(meta, dict):
+            status = meta.get("HTTPStatusCode")
+    elif response is not None and status is None:
+        status = getattr(response, "status_code", None) or getattr(response, "status", None)
+    status = status if isinstance(status, int) and 100 <= status <= 599 else None
+    return status, code if isinstance(code, str) else None
 
 
 def classify_read_error(exc: BaseException) -> tuple[str, bool]:
-    """(dead-letter kind, transient) for an exception raised while reading a file."""
+    """(dead-letter kind, transient) for an exception raised while reading a file. Transient:
+    network and object-store errors that may pass (timeouts, resets, 5xx, 408 and 429,
+    throttling); permanent: what the path itself causes (missing, permissions, 4xx)."""
     details = getattr(exc, "exception_details", None)  # BeamIOError: {path: cause}
     if isinstance(details, dict) and details:
         return classify_read_error(next(iter(details.values())))
+    if isinstance(exc, ReadFailed):
+        return exc.kind, exc.transient
     cause = exc.__cause__ or exc.__context__
     if isinstance(exc, FileNotFoundError):
         return "missing_file", False
@@ -834,6 +1364,24 @@ def classify_read_error(exc: BaseException) -> tuple[str, bool]:
         return "not_a_regular_file", False
     if isinstance(exc, PermissionError):
         return "permission_denied", False
+    status, code = _status_and_code(exc)
+    if code in _TRANSIENT_CODES:
+        return "read_error", True
+    if code in _MISSING_CODES:
+        return "missing_file", False
+    if code in _DENIED_CODES:
+        return "permission_denied", False
+    if status is not None:
+        if status in (404, 410):
+            return "missing_file", False
+        if status in (401, 403):
+            return "permission_denied", False
+        if status in (408, 429) or status >= 500:
+            return "read_error", True
+        if 400 <= status < 500:
+            return "unreadable", False
+    if isinstance(exc, http.client.HTTPException):  # IncompleteRead, a cut connection ...
+        return "read_error", True
     if any(n in type(exc).__name__ for n in _TRANSIENT_NAMES):
         return "read_error", True
     if isinstance(exc, OSError):
@@ -877,7 +1425,7 @@ class ReadBytes(beam.DoFn):
             except Exception as exc:  # BeamIOError / OSError / a client library's own errors
                 kind, transient = classify_read_error(exc)
                 if transient and attempt < self.retries:
-                    time.sleep(self.backoff_s * 2**attempt)
+                    time.sleep(min(READ_BACKOFF_MAX_S, self.backoff_s * 2**attempt))
                     attempt += 1
                     continue
                 tries = f" (after {attempt + 1} attempts)" if attempt else ""
@@ -938,10 +1486,54 @@ def _file_type(mode: int) -> str:
     return "not a regular file (not opened)"
 
 
+NOT_READ_MESSAGE = (
+    "planned for this unit when the input was listed, but the reader did not come to it in "
+    "this run: the input changed since (a manifest cut or edited, a tar replaced) or failed part "
+    "way (see the file's other `read` dead letters and the log); --retry-failed reads it again"
+)
+
+
+def _not_read(item: tuple[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    ref, groups = item
+    if any(True for _ in groups["planned"]) and not any(True for _ in groups["seen"]):
+        rec = _record(ref, (ref, 0))
+        bump(rec, "read.not_read")
+        yield reject(rec, "read", "not_read", NOT_READ_MESSAGE).value
+
+
+class _NotRead(beam.PTransform):
+    """(records, dead letters) the reader emitted for a unit's inputs -> one `not_read` dead
+    letter (counted as an input) for each planned reference among neither: every planned
+    input is accounted for, so a unit's books balance against its plan."""
+
+    def __init__(self, planned: Collection[str]):
+        super().__init__()
+        self.planned = sorted(planned)
+
+    def expand(self, pcolls):
+        listed, dead = pcolls
+        seen = (
+            listed | "RecordRefs" >> beam.Map(lambda r: (r["input_ref"], 1)),
+            dead | "DeadRefs" >> beam.Map(lambda d: (d["row"]["input_ref"], 1)),
+        ) | "Seen" >> beam.Flatten()
+        planned = (
+            listed.pipeline
+            | "Planned" >> beam.Create(self.planned)
+            | "KeyPlanned" >> beam.Map(lambda ref: (ref, 0))
+        )
+        return (
+            {"planned": planned, "seen": seen}
+            | "ByRef" >> beam.CoGroupByKey()
+            | "Missing" >> beam.FlatMap(_not_read)
+        )
+
+
 class ReadInputs(beam.PTransform):
     """`--input` -> input records (main output) and rejects (tagged `DEAD`). `keep`, when
     given, makes the transform that selects the listed inputs (and listing rejects) to read,
-    e.g. one work unit's: applied before any file's bytes are read."""
+    e.g. one work unit's: applied before any file's bytes are read. When that transform names
+    the references it keeps (`refs`, as `units.KeepUnits` does), each of them the reader did
+    not emit becomes a `not_read` dead letter (`_NotRead`)."""
 
     def __init__(self, config: AugmentConfig, keep: Callable[[], beam.PTransform] | None = None):
         super().__init__()
@@ -956,8 +1548,13 @@ class ReadInputs(beam.PTransform):
         )
         listed, listing_dead = expanded.records, expanded[DEAD]
         if self.keep is not None:
-            listed = listed | "Keep" >> self.keep()
+            keep = self.keep()
+            listed = listed | "Keep" >> keep
             listing_dead = listing_dead | "KeepDead" >> self.keep()
+            planned = getattr(keep, "refs", None)
+            if planned:
+                not_read = (listed, listing_dead) | "NotRead" >> _NotRead(planned)
+                listing_dead = (listing_dead, not_read) | "WithNotRead" >> beam.Flatten()
         read = (
             listed
             # Listing/parsing happens in one worker; spread the records before reading bytes.

@@ -121,7 +121,9 @@ def _ref(element: Mapping[str, Any]) -> str | None:
 
 
 class KeepUnits(beam.PTransform):
-    """Keep only the records (or dead letters) of this wave's inputs."""
+    """Keep only the records (or dead letters) of this wave's inputs. `refs` (the planned
+    references) also tells `sources.ReadInputs` which inputs must come out of the reader: each
+    one that does not becomes a `not_read` dead letter, so a unit balances against its plan."""
 
     def __init__(self, unit_of: Mapping[str, int]):
         super().__init__()
@@ -200,6 +202,12 @@ def translators_of(record: Mapping[str, Any]) -> dict[str, Any]:
     return {lang: config.get("translator") for lang in config.get("languages") or ()}
 
 
+def translator_differences(old: Any, new: Any) -> list[str]:
+    """The translator keys in which two translator configurations differ (execution-only keys
+    aside), named as the config names them (`translator.model`, ...)."""
+    return config_differences({"translator": old}, {"translator": new})
+
+
 def stale_translations(
     records: Sequence[Mapping[str, Any]], new: Mapping[str, Any]
 ) -> dict[str, list[str]]:
@@ -212,7 +220,7 @@ def stale_translations(
             continue
         for lang, old in translators_of(record).items():
             if lang in (new.get("languages") or ()):
-                keys = config_differences({"translator": old}, {"translator": new["translator"]})
+                keys = translator_differences(old, new["translator"])
                 if keys:
                     out.setdefault(lang, set()).update(keys)
     return {lang: sorted(keys) for lang, keys in sorted(out.items())}

@@ -7,7 +7,12 @@ users have, built here, read by the real readers and run through the real pipeli
   the job succeeds, every good input is one row, every input is accounted for, nothing
   outside the output folder changes.
 - `test_memory_bound_*`: a real subprocess reads a sparse 1 GiB tar member, a gzip bomb named
-  `.tar` and an oversized member of a `.tar.gz`; its peak RSS (getrusage) stays under a bound.
+  `.tar` and an oversized member of a `.tar.gz`; gzip bombs named `.jsonl.gz` and `.csv.gz`;
+  a Hugging Face Parquet manifest with oversized embedded images and an oversized row group:
+  its peak RSS (VmHWM) stays under a stated bound.
+- Transient errors while a manifest or tar is streamed (a Beam filesystem that cuts the
+  connection half way) are retried where the stream broke; a planned input the reader never
+  came to is a `not_read` dead letter that `--retry-failed` reads again (real pipeline).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import stat
 import subprocess
 import sys
@@ -160,10 +166,66 @@ def test_cut_or_missing_manifest_keeps_what_was_read(tmp_path):
     blob = gzip.compress((line * 2000).encode())
     (tmp_path / "m.jsonl.gz").write_bytes(blob[: len(blob) // 2])  # a download cut short
     recs, dead = _expand(AugmentConfig(input=str(tmp_path / "m.jsonl.gz"), output="o"))
-    assert recs and [d["error_kind"] for d in dead] == ["bad_manifest_row"]  # the cut line
-    assert dead[0]["input_ref"].endswith(f"#L{len(recs) + 1}")
+    # the rows before the cut are kept; the rest is one dead letter saying the file is cut
+    assert recs and [d["error_kind"] for d in dead] == ["bad_manifest"]
+    assert dead[0]["input_ref"].endswith(f"#after:L{len(recs)}")
+    assert "ends before its end marker" in dead[0]["message"]
     recs, dead = _expand(AugmentConfig(input=str(tmp_path / "gone.jsonl"), output="o"))
     assert not recs and [d["error_kind"] for d in dead] == ["missing_file"]
+
+
+COMPRESSORS = {
+    "gz": lambda b: gzip.compress(b[: len(b) // 2]) + gzip.compress(b[len(b) // 2 :]),
+    "bz2": lambda b: __import__("bz2").compress(b),
+    "xz": lambda b: __import__("lzma").compress(b),
+    "lzma": lambda b: __import__("lzma").compress(b, format=__import__("lzma").FORMAT_ALONE),
+    "deflate": lambda b: __import__("zlib").compress(b),
+    "zst": lambda b: __import__("zstandard").ZstdCompressor().compress(b),
+    "zstd": lambda b: __import__("zstandard").ZstdCompressor().compress(b),
+}
+
+
+@pytest.mark.parametrize("ext", sorted(COMPRESSORS))
+def test_compressed_manifests_are_inflated_a_bounded_step_at_a_time(tmp_path, ext):
+    """Every compression Beam names by extension is a manifest (`.zstd` and `.lzma` were
+    `unknown_input`), read through `_Inflate` / zstd's stream reader: no read inflates more
+    than asked, whatever the ratio (Beam's CompressedFile inflated 16 MiB of input at once)."""
+    if ext.startswith("zst"):
+        pytest.importorskip("zstandard")
+    (tmp_path / "a.png").write_bytes(_png(1))
+    lines = [json.dumps({"image_path": "a.png", "caption": f"c{i}"}) for i in range(3)]
+    data = ("\n".join(lines) + "\n").encode()
+    path = tmp_path / f"m.jsonl.{ext}"
+    path.write_bytes(COMPRESSORS[ext](data))  # gzip: two members, read as one file
+    assert detect_format(str(path)) == "manifest"
+    recs, dead = _expand(AugmentConfig(input=str(path), output="o"))
+    assert [r["source_caption"] for r in recs] == ["c0", "c1", "c2"] and not dead
+    # a bomb: 16 MiB of zeros in a few KB; every read returns at most what was asked
+    bomb = tmp_path / f"bomb.{ext}"
+    bomb.write_bytes(COMPRESSORS[ext](bytes(16 << 20)))
+    assert bomb.stat().st_size < 1 << 20
+    with sources.open_stream(str(bomb), sources.compression_of(str(bomb))) as f:
+        total, largest = 0, 0
+        while chunk := f.read(1 << 16):
+            total, largest = total + len(chunk), max(largest, len(chunk))
+    assert total == 16 << 20 and largest <= 1 << 16
+
+
+def test_a_corrupt_or_oversized_compressed_stream_is_a_dead_letter(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(_png(1))
+    line = json.dumps({"image_path": "a.png"}) + "\n"
+    (tmp_path / "junk.jsonl.gz").write_bytes(gzip.compress(line.encode()) + b"not gzip at all")
+    recs, dead = _expand(AugmentConfig(input=str(tmp_path / "junk.jsonl.gz"), output="o"))
+    assert len(recs) == 1 and [d["error_kind"] for d in dead] == ["bad_manifest"]
+    # an xz header asking for a dictionary over the decoder's memory limit: refused, not
+    # allocated
+    import lzma
+
+    monkeypatch.setattr(sources, "MAX_DECODER_BYTES", 1 << 20)  # xz's default asks for 8 MiB
+    (tmp_path / "big.jsonl.xz").write_bytes(lzma.compress(line.encode() * 3))
+    recs, dead = _expand(AugmentConfig(input=str(tmp_path / "big.jsonl.xz"), output="o"))
+    assert not recs and [d["error_kind"] for d in dead] == ["bad_manifest"]
+    assert "limit" in dead[0]["message"].lower()
 
 
 def test_hugging_face_parquet_image_struct(tmp_path):
@@ -184,6 +246,43 @@ def test_hugging_face_parquet_image_struct(tmp_path):
     assert recs[0]["source_language"] == "en"
     assert recs[1]["data"] is None and recs[1]["uri"] == str(tmp_path / "img" / "dog.png")
     assert [d["error_kind"] for d in dead] == ["bad_manifest_row"]
+
+
+def test_parquet_embedded_bytes_are_bounded_before_they_are_copied(tmp_path, monkeypatch):
+    """An embedded image over max_file_bytes is refused from its Arrow length, before the row
+    is turned into Python objects; a row group whose columns are over the group limit (from
+    the footer) is refused without being read; the other rows are read. (The memory this
+    saves is measured in `test_memory_bound_on_parquet_and_compressed_manifests`.)"""
+    table = pa.table(
+        {
+            "image": [
+                {"bytes": _png(1), "path": "a.png"},
+                {"bytes": b"\0" * 5000, "path": "big.png"},
+                {"bytes": _png(2), "path": "b.png"},
+                {"bytes": _png(3), "path": "c.png"},
+            ],
+            "text": ["a", "big", "b", "c"],
+        }
+    )
+    path = tmp_path / "hf.parquet"
+    pq.write_table(table, path, row_group_size=2)
+    image, other = sources._parquet_sizes(table.to_batches()[0], "image")
+    assert image == [len(_png(1)), 5000, len(_png(2)), len(_png(3))]
+    assert other == [len("a.png") + 1, len("big.png") + 3, len("b.png") + 1, len("c.png") + 1]
+    recs, dead = _expand(AugmentConfig(input=str(path), output="o", max_file_bytes=4000))
+    assert [r["uri"] for r in recs] == ["a.png", "b.png", "c.png"]
+    assert [(d["input_ref"].rsplit("#", 1)[1], d["error_kind"]) for d in dead] == [
+        ("L2", "file_too_large")
+    ]
+    assert "embedded image of 5000 bytes" in dead[0]["message"]
+    # a row group over the limit (lowered here) is refused from the footer, each row counted
+    monkeypatch.setattr(sources, "PARQUET_GROUP_BYTES", 5000)
+    assert sources.parquet_group_limit(1000) == 5000
+    recs, dead = _expand(AugmentConfig(input=str(path), output="o", max_file_bytes=1000))
+    kinds = [(d["input_ref"].rsplit("#", 1)[1], d["error_kind"]) for d in dead]
+    assert kinds == [("L1", "file_too_large"), ("L2", "file_too_large")]
+    assert "row group 0" in dead[0]["message"]
+    assert [r["uri"] for r in recs] == ["b.png", "c.png"]
 
 
 def test_language_codes_are_normalised_once_at_the_source(tmp_path):
@@ -220,6 +319,46 @@ def test_relative_paths_stay_inside_the_manifest_folder(tmp_path):
     cfg = AugmentConfig(input=str(inside / "m.jsonl"), output="o", allow_outside_paths=True)
     recs, dead = _expand(cfg)
     assert not dead and recs[2]["uri"] == str(tmp_path / "secret.png")
+
+
+def test_symlinks_do_not_let_manifest_paths_escape(tmp_path):
+    """A symlink inside the manifest's folder (a folder `imgs -> /`-like, or one file) does
+    not make a file outside readable; a link that stays inside, and a manifest reached through
+    a linked folder, are fine; `allow_outside_paths` lets the links through."""
+    inside, outside = tmp_path / "data", tmp_path / "elsewhere"
+    inside.mkdir()
+    outside.mkdir()
+    (inside / "a.png").write_bytes(_png(1))
+    (outside / "secret.png").write_bytes(_png(2))
+    (inside / "imgs").symlink_to(outside)  # a folder link pointing out
+    (inside / "leak.png").symlink_to(outside / "secret.png")  # a file link pointing out
+    (inside / "alias.png").symlink_to(inside / "a.png")  # a link that stays inside
+    (inside / "sub").mkdir()
+    (inside / "sub" / "up").symlink_to(tmp_path)  # `sub/up/..` is not `sub` for the OS
+    rows = [
+        {"image_path": "imgs/secret.png"},
+        {"image_path": "leak.png"},
+        {"image_path": "alias.png"},
+        {"image_path": "sub/up/elsewhere/secret.png"},
+        {"image_path": "a.png"},
+    ]
+    (inside / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs, dead = _expand(AugmentConfig(input=str(inside / "m.jsonl"), output="o"))
+    kinds = {int(d["input_ref"].rsplit("#L", 1)[1]): d["error_kind"] for d in dead}
+    assert kinds == {
+        1: "path_outside_manifest",
+        2: "path_outside_manifest",
+        4: "path_outside_manifest",
+    }
+    assert "symlink" in dead[0]["message"]
+    assert [r["uri"] for r in recs] == [str(inside / "alias.png"), str(inside / "a.png")]
+    # the manifest's folder reached through a link: its files are inside it
+    (tmp_path / "linked").symlink_to(inside)
+    recs, dead = _expand(AugmentConfig(input=str(tmp_path / "linked" / "m.jsonl"), output="o"))
+    assert len(recs) == 2 and len(dead) == 3
+    cfg = AugmentConfig(input=str(inside / "m.jsonl"), output="o", allow_outside_paths=True)
+    recs, dead = _expand(cfg)
+    assert not dead and len(recs) == 5
 
 
 def test_allow_outside_paths_is_a_cli_flag():
@@ -290,6 +429,57 @@ class FlakyFileSystem(FileSystem):
 FlakyFileSystem.__abstractmethods__ = frozenset()
 
 
+def test_cloud_client_errors_are_classified_transient_or_permanent():
+    """The errors object-store clients raise (google.api_core, botocore, requests, http.client)
+    are classified by their class, HTTP status or error code, without importing the clients."""
+    import http.client
+
+    from apache_beam.io.filesystem import BeamIOError
+
+    def api_error(name: str, code: int) -> Exception:  # google.api_core.exceptions.*
+        return type(name, (Exception,), {"code": code})("boom")
+
+    class ClientError(Exception):  # botocore.exceptions.ClientError
+        def __init__(self, code: str, status: int):
+            super().__init__(code)
+            self.response = {
+                "Error": {"Code": code},
+                "ResponseMetadata": {"HTTPStatusCode": status},
+            }
+
+    class HTTPError(OSError):  # requests.exceptions.HTTPError
+        def __init__(self, status: int):
+            super().__init__(f"{status}")
+            self.response = type("Response", (), {"status_code": status})()
+
+    classify = sources.classify_read_error
+    transient = [
+        http.client.IncompleteRead(b"partial"),
+        http.client.RemoteDisconnected("closed"),
+        api_error("DeadlineExceeded", 504),
+        api_error("ServiceUnavailable", 503),
+        api_error("TooManyRequests", 429),
+        ClientError("SlowDown", 503),
+        ClientError("ThrottlingException", 400),
+        ClientError("InternalError", 500),
+        HTTPError(503),
+        ConnectionError("reset"),
+        TimeoutError("timed out"),
+        type("TransportError", (Exception,), {})("google.auth"),
+        BeamIOError("open failed", {"gs://b/x": ConnectionResetError(104, "reset")}),
+    ]
+    for exc in transient:
+        assert classify(exc) == ("read_error", True), exc
+    permanent = {
+        "missing_file": [api_error("NotFound", 404), ClientError("NoSuchKey", 404), HTTPError(404)],
+        "permission_denied": [api_error("Forbidden", 403), ClientError("AccessDenied", 403)],
+        "unreadable": [api_error("BadRequest", 400), ValueError("no"), HTTPError(416)],
+    }
+    for kind, excs in permanent.items():
+        for exc in excs:
+            assert classify(exc) == (kind, False), exc
+
+
 def test_transient_read_errors_are_retried_then_dead_lettered_as_transient():
     FlakyFileSystem.calls.clear()
     rec, dead = _read(_rec("flaky://2/a.png"), retries=3, backoff_s=0)
@@ -303,6 +493,126 @@ def test_transient_read_errors_are_retried_then_dead_lettered_as_transient():
     _, dead = _read(_rec("/nonexistent/c.png"), retries=3, backoff_s=0)
     assert dead["error_kind"] == "missing_file" and not is_transient("missing_file")
     assert TRANSIENT_KINDS.isdisjoint(PERMANENT_READ_KINDS)
+
+
+class CutFileSystem(FileSystem):
+    """A Beam filesystem (`cut://N/<local path>`) serving a local file whose first N opens
+    break half way through (a connection reset), the way a download from an object store
+    does; `SEEKABLE` False makes its streams unseekable (the reader then reads up to where it
+    was). Registered with Beam's FileSystems by subclassing."""
+
+    opens: ClassVar[dict[str, int]] = {}
+    SEEKABLE: ClassVar[bool] = True
+
+    @classmethod
+    def scheme(cls) -> str:
+        return "cut"
+
+    @staticmethod
+    def _parts(path: str) -> tuple[int, str]:
+        fails, local = path.split("://", 1)[1].split("/", 1)
+        return int(fails), "/" + local
+
+    def join(self, base, *paths):
+        return posixpath.join(base, *paths)
+
+    def split(self, path):
+        head, tail = posixpath.split(path)
+        return head, tail
+
+    def match(self, patterns, limits=None):
+        from apache_beam.io.filesystem import FileMetadata, MatchResult
+
+        out = []
+        for pattern in patterns:
+            local = self._parts(pattern)[1]
+            found = [FileMetadata(pattern, os.path.getsize(local))] if os.path.exists(local) else []
+            out.append(MatchResult(pattern, found))
+        return out
+
+    def open(self, path, mime_type="application/octet-stream", compression_type=None):
+        fails, local = self._parts(path)
+        CutFileSystem.opens[path] = CutFileSystem.opens.get(path, 0) + 1
+        data = Path(local).read_bytes()  # FileNotFoundError for a missing one
+        cut = len(data) // 2 if CutFileSystem.opens[path] <= fails else None
+        return _CutStream(data, cut, CutFileSystem.SEEKABLE)
+
+
+CutFileSystem.__abstractmethods__ = frozenset()
+
+
+class _CutStream(io.RawIOBase):
+    """A download that fails on the read that would cross byte `cut` (and on every later
+    one), the way a buffered network stream does: a read returns all it asked for, or fails."""
+
+    def __init__(self, data: bytes, cut: int | None, seekable: bool):
+        self.buf, self.cut, self._seekable = io.BytesIO(data), cut, seekable
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._seekable
+
+    def seek(self, offset, whence=0):
+        if not self._seekable:
+            raise io.UnsupportedOperation("seek")
+        return self.buf.seek(offset, whence)
+
+    def tell(self):
+        return self.buf.tell()
+
+    def readinto(self, b) -> int:
+        if self.cut is not None and self.buf.tell() + len(b) > self.cut:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        data = self.buf.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+@pytest.mark.parametrize("seekable", [True, False], ids=["seek", "stream"])
+def test_transient_errors_while_streaming_are_retried_where_they_broke(
+    tmp_path, monkeypatch, seekable
+):
+    """A manifest (gzip JSONL, CSV, Parquet) or a tar whose connection breaks half way is
+    reopened at the byte where it broke and read on: every row, nothing twice. One that keeps
+    breaking keeps the rows before, and the rest is one `read_error` (transient) dead letter."""
+    monkeypatch.setattr(sources, "READ_BACKOFF_S", 0)
+    monkeypatch.setattr(CutFileSystem, "SEEKABLE", seekable)
+    CutFileSystem.opens.clear()
+    # files of a few hundred KB: the break comes after some 64 KiB reads went through
+    n_rows = 6000
+    rows = [{"image_path": f"i{i}.png", "caption": f"a caption of row {i}"} for i in range(n_rows)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "m.jsonl.gz").write_bytes(gzip.compress(text.encode(), compresslevel=0))
+    csv_text = "image_path,caption\n" + "".join(f"{r['image_path']},{r['caption']}\n" for r in rows)
+    (tmp_path / "m.csv").write_text(csv_text)
+    pq.write_table(
+        pa.table({"image_path": [r["image_path"] for r in rows]}), tmp_path / "m.parquet"
+    )
+    members = [_member(f"k{i}.png", os.urandom(4000)) for i in range(100)]  # not decoded here
+    _tar(tmp_path / "t.tar.gz", members, "w:gz")
+    expected = {"m.jsonl.gz": n_rows, "m.csv": n_rows, "t.tar.gz": 100}
+    if seekable:  # Parquet needs a seekable file (Beam's filesystems all are)
+        expected["m.parquet"] = n_rows
+    for name, n in expected.items():
+        uri = f"cut://1{tmp_path}/{name}"  # the first open breaks half way
+        recs, dead = _expand(AugmentConfig(input=uri, output="o"))
+        assert not dead, (name, dead)
+        assert len(recs) == n and len({r["input_ref"] for r in recs}) == n, name
+        assert CutFileSystem.opens[uri] == 2, name
+    for name in ("m.jsonl.gz", "t.tar.gz"):
+        uri = f"cut://99{tmp_path}/{name}"  # breaks every time
+        recs, dead = _expand(AugmentConfig(input=uri, output="o"))
+        assert 0 < len(recs) < expected[name], name
+        assert [d["error_kind"] for d in dead] == ["read_error"] and is_transient("read_error")
+        assert "#after:" in dead[0]["input_ref"]
+        assert "ConnectionResetError" in dead[0]["message"] and "attempts" in dead[0]["message"]
+        assert CutFileSystem.opens[uri] == 1 + sources.READ_RETRIES
+    # a file that is not there is missing (permanent), not retried
+    recs, dead = _expand(AugmentConfig(input=f"cut://0{tmp_path}/gone.jsonl", output="o"))
+    assert [d["error_kind"] for d in dead] == ["missing_file"]
+    assert CutFileSystem.opens[f"cut://0{tmp_path}/gone.jsonl"] == 1
 
 
 # --- tars -----------------------------------------------------------------------------------
@@ -629,8 +939,40 @@ def _hf_parquet(folder: Path) -> tuple[Path, list[str], list[str]]:
     return path, ["en", "en"], ["not_an_image"]
 
 
+def _write_gzip_bomb(path: Path, head: bytes, size: int, tail: bytes) -> None:
+    """`head`, then `size` bytes of "a" (one line: no newline), then `tail`, gzipped as it is
+    written (a few hundred KB per 256 MiB)."""
+    with gzip.open(path, "wb") as f:
+        f.write(head)
+        chunk = b"a" * (1 << 20)
+        for _ in range(size >> 20):
+            f.write(chunk)
+        f.write(tail)
+
+
+def _jsonl_gz_bomb(folder: Path) -> tuple[Path, list[str], list[str]]:
+    """A `.jsonl.gz` whose second line is a 64 MiB caption (64 KB compressed): that line is a
+    dead letter, the lines around it are rows."""
+    for i in range(2):
+        (folder / f"b{i}.png").write_bytes(_png(40 + i))
+    head = json.dumps({"image_path": "b0.png", "caption": "a purple dot", "lang": "en"}) + "\n"
+    tail = '"}\n' + json.dumps({"image_path": "b1.png", "caption": "um ponto", "lang": "pt"})
+    path = folder / "bomb.jsonl.gz"
+    _write_gzip_bomb(
+        path,
+        (head + '{"image_path": "b0.png", "caption": "').encode(),
+        64 << 20,
+        (tail + "\n").encode(),
+    )
+    return path, ["en", "pt"], ["bad_manifest_row"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [_bom_csv_gz, _hf_parquet], ids=["bom-csv-gz", "hf-parquet"])
+@pytest.mark.parametrize(
+    "make",
+    [_bom_csv_gz, _hf_parquet, _jsonl_gz_bomb],
+    ids=["bom-csv-gz", "hf-parquet", "jsonl-gz-bomb"],
+)
 def test_pipeline_over_csv_and_parquet_manifests(tmp_path, make):
     from babelcap.pipelines.runner import run
 
@@ -647,8 +989,71 @@ def test_pipeline_over_csv_and_parquet_manifests(tmp_path, make):
     assert sorted(c["language"] for r in rows for c in r["captions"]) == languages
     if make is _hf_parquet:
         uris = sorted(r["source_uri"] for r in rows)
-        assert uris == sorted(["embedded.png", str(folder / "img" / "on_disk.png")])
+        # named from the manifest's folder: the output carries no folder of this machine
+        assert uris == sorted(["embedded.png", "img/on_disk.png"])
     assert _tree_digest(tmp_path, tmp_path / "out") == before
+
+
+def test_books_must_balance_against_the_plan():
+    """A unit whose pipeline counted fewer inputs than its plan holds does not commit as
+    balanced, even when what was counted balances (the reader's `not_read` dead letters make
+    this the last check)."""
+    with pytest.raises(accounting.AccountingError, match=r"4 inputs planned .* 3 counted"):
+        accounting.balance({accounting.INPUTS: 3}, 3, 0, 0, planned=4)
+    assert accounting.balance({accounting.INPUTS: 4}, 3, 1, 0, planned=4)["balanced"]
+
+
+@pytest.mark.slow
+def test_planned_inputs_the_reader_never_came_to_are_not_read_dead_letters(tmp_path, monkeypatch):
+    """A manifest cut between planning (the driver lists the inputs) and running (the pipeline
+    reads them): the planned rows the reader no longer finds are `not_read` dead letters, so
+    every unit balances against its plan (a unit whose every input is gone included) and no
+    input disappears. With the manifest whole again, `--retry-failed` reads them as rows."""
+    from babelcap.pipelines import units
+    from babelcap.pipelines.runner import run
+
+    data = tmp_path / "user"
+    data.mkdir()
+    for i in range(6):
+        (data / f"g{i}.png").write_bytes(_png(60 + i))
+    lines = [
+        json.dumps({"image_path": f"g{i}.png", "caption": f"shape number {i}"}) + "\n"
+        for i in range(6)
+    ]
+    manifest = data / "m.jsonl"
+    manifest.write_text("".join(lines))
+    list_inputs = units.list_inputs
+
+    def list_then_cut(config: AugmentConfig) -> list[str]:
+        refs = list_inputs(config)
+        manifest.write_text("".join(lines[:3]))  # the manifest changes after planning
+        return refs
+
+    monkeypatch.setattr(units, "list_inputs", list_then_cut)
+    out = tmp_path / "out"
+    settings = {"input": str(manifest), "output": str(out), "unit_size": 4, **GUARD}
+    before = _tree_digest(tmp_path, out)
+    result = run(AugmentConfig(**settings), workers=1, echo=False)
+    books = result["accounting"]
+    assert books["balanced"] and books["inputs"] == 6 and books["rows_written"] == 3
+    assert [u["inputs"] for u in result["units"]] == [4, 2]  # unit 1: nothing left to read
+    rows, dead = _read_output(out)
+    assert len(rows) == 3
+    assert sorted((d["input_ref"].rsplit("#", 1)[1], d["error_kind"]) for d in dead) == [
+        ("L4", "not_read"),
+        ("L5", "not_read"),
+        ("L6", "not_read"),
+    ]
+    assert is_transient("not_read") and result["stats"]["read.not_read"] == 3
+    # the manifest whole again: --retry-failed reads the three, which become rows
+    monkeypatch.setattr(units, "list_inputs", list_inputs)
+    manifest.write_text("".join(lines))
+    result = run(AugmentConfig(**settings, retry_failed=True), workers=1, echo=False)
+    books = result["accounting"]
+    assert books["balanced"] and books["inputs"] == 6 and books["rows_written"] == 6
+    assert len([r for f in find_shards(out).files for r in pq.read_table(f).to_pylist()]) == 6
+    assert not result["dead_letters"]  # the not_read ones were replaced by rows
+    assert _tree_digest(tmp_path, out) == before
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -714,6 +1119,113 @@ def test_memory_bound_on_hostile_tars(tmp_path):
     assert peak < RSS_BOUND_MB, (base, peak)
 
 
+_MANIFEST_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from apache_beam.pvalue import TaggedOutput
+    from babelcap.pipelines import sources
+    from babelcap.pipelines.options import AugmentConfig
+
+    def peak_mb():  # as in _CHILD: VmHWM after resetting it, else getrusage
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+    args = json.loads(sys.argv[1])
+    for name, value in args.get("constants", {}).items():
+        setattr(sources, name, value)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = peak_mb()
+    kinds = {}
+    for path in args["inputs"]:
+        cfg = AugmentConfig(input=path, output="o", **args.get("config", {}))
+        kinds[path] = [
+            item.value["row"]["error_kind"] if isinstance(item, TaggedOutput) else "row"
+            for item in sources.ExpandInput(cfg).process(cfg.input)
+        ]
+    print(json.dumps({"base": base, "peak": peak_mb(), "kinds": kinds}))
+    """
+)
+
+
+def _run_child(args: dict) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", _MANIFEST_CHILD, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_memory_bound_on_compressed_manifest_bombs(tmp_path):
+    """A `.jsonl.gz` and a `.csv.gz` of about 250 KB whose second line inflates to 256 MiB are
+    read under the same bound as the hostile tars (RSS_BOUND_MB): the line is inflated 64 KiB
+    at a time and dropped, a dead letter; the rows around it are read. (Beam's CompressedFile
+    inflated up to 16 MiB of compressed input in one call: this bomb whole, 256 MiB at once.)"""
+    (tmp_path / "a.png").write_bytes(_png(1))
+    good = json.dumps({"image_path": "a.png", "caption": "fine"}) + "\n"
+    jsonl = tmp_path / "bomb.jsonl.gz"
+    _write_gzip_bomb(jsonl, (good + '{"caption": "').encode(), 256 << 20, ('"}\n' + good).encode())
+    csv_gz = tmp_path / "bomb.csv.gz"
+    head = "image_path,caption\na.png,fine\na.png,"
+    _write_gzip_bomb(csv_gz, head.encode(), 256 << 20, b"\na.png,fine too\n")
+    assert jsonl.stat().st_size < 1 << 20 and csv_gz.stat().st_size < 1 << 20
+    out = _run_child({"inputs": [str(jsonl), str(csv_gz)]})
+    for path in (jsonl, csv_gz):
+        assert out["kinds"][str(path)] == ["row", "bad_manifest_row", "row"], out
+    assert out["peak"] < RSS_BOUND_MB, out
+
+
+@pytest.mark.slow
+def test_memory_bound_on_hugging_face_parquet(tmp_path):
+    """Hugging Face Parquet with embedded images over the limit: a 48 MiB image in a row group
+    that is read (refused from its Arrow length, never copied out), and a row group holding an
+    80 MiB image, over the row group limit (64 MiB here: 4 x max_file_bytes), refused from the
+    footer without being read. Peak RSS: the imports plus about one row group's page (the
+    bound: RSS_BOUND_MB + 2 x the row group limit; the old reader held both images, their
+    batches and their Python copies)."""
+    path = tmp_path / "hf.parquet"
+    schema = pa.schema(
+        [
+            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ("text", pa.string()),
+        ]
+    )
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        groups = [
+            [(_png(1), "a.png"), (bytes(48 << 20), "big.png"), (_png(2), "b.png")],
+            [(bytes(80 << 20), "huge.png")],
+        ]
+        for group in groups:
+            images = [{"bytes": b, "path": name} for b, name in group]
+            texts = [f"caption of {name}" for _, name in group]
+            writer.write_table(pa.table({"image": images, "text": texts}, schema=schema))
+    assert path.stat().st_size < 1 << 20
+    group_limit = 64 << 20
+    out = _run_child(
+        {
+            "inputs": [str(path)],
+            "config": {"max_file_bytes": 16 << 20},
+            "constants": {"PARQUET_GROUP_BYTES": group_limit},
+        }
+    )
+    assert out["kinds"][str(path)] == ["row", "file_too_large", "row", "file_too_large"], out
+    assert out["peak"] < RSS_BOUND_MB + 2 * (group_limit >> 20), out
+
+
 class _Zeros(io.RawIOBase):
     def __init__(self, size: int):
         self.left = size
@@ -757,6 +1269,69 @@ def test_missing_inputs_say_so(tmp_path):
     for spec, fmt in ((tmp_path / "nope", "folder"), (tmp_path / "s-{0..2}.tar", "webdataset")):
         recs, dead = _expand(AugmentConfig(input=str(spec), output="o", input_format=fmt))
         assert not recs and [d["error_kind"] for d in dead] == ["missing_file"]
+
+
+def test_a_fifo_input_is_not_a_missing_folder(tmp_path):
+    os.mkfifo(tmp_path / "in")
+    results: dict[str, list] = {}
+    t = threading.Thread(
+        target=lambda: results.setdefault(
+            "dead", _expand(AugmentConfig(input=str(tmp_path / "in"), output="o"))[1]
+        ),
+        daemon=True,
+    )
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "the reader blocked on a FIFO"
+    assert [d["error_kind"] for d in results["dead"]] == ["not_a_regular_file"]
+    assert "FIFO" in results["dead"][0]["message"]
+
+
+def test_csv_quote_that_never_closes(tmp_path):
+    """A quote opened in one row that never closes: that row is a dead letter and the rows it
+    swallowed up to the end of the file are read again; one that swallows more than the field
+    limit is one dead letter that says how many lines it took."""
+    for i in range(4):
+        (tmp_path / f"c{i}.png").write_bytes(_png(i))
+    text = (
+        'image_path,caption,lang\nc0.png,"a quoted, fine field",en\nc1.png,"5 inch screen,en\n'
+        "c2.png,also fine,en\nc3.png,last,en\n"
+    )
+    (tmp_path / "m.csv").write_text(text)
+    recs, dead = _expand(AugmentConfig(input=str(tmp_path / "m.csv"), output="o"))
+    assert [r["input_ref"].rsplit("#", 1)[1] for r in recs] == ["L2", "L4", "L5"]
+    assert [r["source_caption"] for r in recs] == ["a quoted, fine field", "also fine", "last"]
+    assert [(d["input_ref"].rsplit("#", 1)[1], d["error_kind"]) for d in dead] == [
+        ("L3", "bad_manifest_row")
+    ]
+    assert "never closes" in dead[0]["message"] and "L3-L5, 3 lines" in dead[0]["message"]
+    # a stray quote followed by more than the field limit before one closes it
+    filler = "".join(f"c0.png,row {i},en\n" for i in range(sources.MAX_ROW_BYTES // 14))
+    text = 'image_path,caption\nc1.png,"open\n' + filler + 'x"\nc2.png,after\n'
+    (tmp_path / "n.csv").write_text(text)
+    recs, dead = _expand(AugmentConfig(input=str(tmp_path / "n.csv"), output="o"))
+    assert [r["source_caption"] for r in recs] == ["after"]
+    assert [d["error_kind"] for d in dead] == ["bad_manifest_row"]
+    assert "field larger than field limit" in dead[0]["message"]
+    assert f"lines L2-L{3 + len(filler.splitlines())}" in dead[0]["message"]
+
+
+def test_dead_letter_messages_are_clipped(tmp_path):
+    """A message quoting input (a 1 MiB row's value) is cut to MAX_MESSAGE_CHARS, saying how
+    long it was; the reference is never cut (it is how an input is accounted for)."""
+    from babelcap.pipelines.deadletter import MAX_MESSAGE_CHARS, reject
+
+    (tmp_path / "a.png").write_bytes(_png(1))
+    line = b'{"image_path": "a.png", "language": "' + b"\xff" * 600_000 + b'"}'
+    (tmp_path / "m.jsonl").write_bytes(line + b"\n")
+    _, dead = _expand(AugmentConfig(input=str(tmp_path / "m.jsonl"), output="o"))
+    assert [d["error_kind"] for d in dead] == ["bad_manifest_row"]
+    assert len(dead[0]["message"]) < MAX_MESSAGE_CHARS + 40
+    long_ref = "m.jsonl#" + "k" * 5000
+    row = reject({"input_ref": long_ref, "stats": {}}, "read", "bad_sample", "y" * 10_000)
+    msg = row.value["row"]["message"]
+    assert msg.endswith("… (10000 characters)") and len(msg) < MAX_MESSAGE_CHARS + 40
+    assert row.value["row"]["input_ref"] == long_ref
 
 
 def test_interleaving_window_is_bounded_in_bytes(tmp_path, monkeypatch):
