@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from babelcap import __version__
@@ -45,7 +46,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`babelcap ... | head`), so that a
+    BrokenPipeError from elsewhere (a worker's pipe) is never mistaken for it."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    try:
+        import select
+
+        poller = select.poll()
+    except (ImportError, AttributeError):  # no poll (Windows): the pipe error was stdout's
+        return True
+    poller.register(fd, select.POLLOUT)
+    events = dict(poller.poll(0)).get(fd, 0)
+    return bool(events & (select.POLLERR | select.POLLHUP | select.POLLNVAL))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every command is quiet when its reader goes away (`babelcap translate
+    ... | head`): the command stops, stdout is pointed at /dev/null so the interpreter's flush
+    at exit stays quiet, and the exit status is 0 (the Python docs' recipe for SIGPIPE)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Flushed here, where a closed pipe can still be caught; at exit the interpreter
+            # would print "Exception ignored ... BrokenPipeError".
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        if not _reader_gone():
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Libraries (open_clip, Beam) log chatty INFO lines on the root logger: show their

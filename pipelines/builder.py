@@ -15,6 +15,9 @@ Every stage's rejects are flattened into the one dead-letter output.
 
 from __future__ import annotations
 
+import os
+import posixpath
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,7 +32,7 @@ from babelcap.pipelines.dedup import DropDuplicateImages
 from babelcap.pipelines.filters import FilterEnglish, FilterTranslations, SelectCaptions
 from babelcap.pipelines.options import AugmentConfig
 from babelcap.pipelines.sinks import WriteOutputs
-from babelcap.pipelines.sources import ReadInputs
+from babelcap.pipelines.sources import ReadInputs, detect_format, tar_mode
 from babelcap.pipelines.translation import Translate
 from babelcap.pipelines.units import DropPresent, KeepUnits
 
@@ -44,16 +47,58 @@ class RequireCaptions(beam.DoFn):
             yield reject(rec, "filter", "no_captions", "every caption was filtered out")
 
 
-class StoreImage(beam.DoFn):
-    """Put the original bytes into `image` (store_image="bytes") and drop the working copy."""
+def input_roots(config: AugmentConfig) -> tuple[str, ...]:
+    """The local folder the input's files are named from in the output (as given and
+    absolute): a folder input itself, a manifest's folder, the folder of the tar shards;
+    none for a remote input."""
+    given = config.input
+    if "://" in given and not given.startswith("file://"):
+        return ()
+    fmt = config.input_format if config.input_format != "auto" else detect_format(given)
+    if fmt == "manifest":
+        root = posixpath.dirname(given)
+    elif fmt == "folder":
+        root = given
+    else:  # tar shards: a tar, a folder of them, or a pattern (`in/shard-{000..009}.tar`)
+        head = re.split(r"[*?\[{]", given, maxsplit=1)[0]
+        root = head if head == given and not tar_mode(given) else posixpath.dirname(head)
+    root = root.rstrip("/")
+    if not root or root == "file:":
+        return ()
+    if root.startswith("file://"):
+        return (root,)
+    return tuple(dict.fromkeys((root, os.path.abspath(root), os.path.realpath(root))))
 
-    def __init__(self, store_image: str):
+
+def relative_to(uri: str | None, roots: tuple[str, ...]) -> str | None:
+    """`uri` relative to the first of `roots` it lies in; as given otherwise (a URI, a path
+    outside the input's folder: the user's choice)."""
+    for root in roots:
+        if uri and uri.startswith(root + "/"):
+            return uri[len(root) + 1 :]
+    return uri
+
+
+class StoreImage(beam.DoFn):
+    """Put the original bytes into `image` (store_image="bytes") and drop the working copy.
+
+    When the image itself is stored (bytes, reencode), `source_uri` and `image.path` only say
+    where it came from: an image inside the input's folder is named relative to that folder, so
+    the output carries no folder of this machine. When only the reference is stored (path,
+    none), it is kept as given: it is how readers (`datasets`, the trainer) find the pixels."""
+
+    def __init__(self, store_image: str, roots: tuple[str, ...] = ()):
         self.store_image = store_image
+        self.roots = roots if store_image in ("bytes", "reencode") else ()
 
     def process(self, rec: dict[str, Any]) -> Iterator[dict[str, Any]]:
         out = {k: v for k, v in rec.items() if k != "data"}
+        if self.roots:
+            out["uri"] = relative_to(rec.get("uri"), self.roots)
         if self.store_image == "bytes":
-            out["image"] = {"bytes": rec["data"], "path": rec.get("uri")}
+            out["image"] = {"bytes": rec["data"], "path": out.get("uri")}
+        elif self.roots and out.get("image"):
+            out["image"] = {**out["image"], "path": relative_to(out["image"]["path"], self.roots)}
         yield out
 
 
@@ -103,7 +148,9 @@ def build(
     records = records | "SelectCaptions" >> beam.ParDo(SelectCaptions(config.text, clip))
     # No stage after this one looks at pixels: stop shipping the original bytes between stages
     # (what the shard stores is already in `image`).
-    records = records | "StoreImage" >> beam.ParDo(StoreImage(config.store_image))
+    records = records | "StoreImage" >> beam.ParDo(
+        StoreImage(config.store_image, input_roots(config))
+    )
     if languages:
         records, failed = records | "Translate" >> Translate(config.translator, languages)
         dead.append(failed)

@@ -25,6 +25,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from babelcap.core import schema
 from babelcap.core.devices import limit_torch_threads, resolve_device
 from babelcap.core.images import decode_rgb
+from babelcap.core.paths import portable_ref
 from babelcap.pipelines.accounting import bump
 from babelcap.pipelines.deadletter import DEAD, reject
 from babelcap.pipelines.models import Loaded, local_model_path
@@ -74,7 +75,9 @@ class CaptionModelHandler(ModelHandler[dict, dict, Any]):
         self.config = config  # options.CaptionerConfig: light and picklable
         self.seed = seed
         self.max_image_pixels = max_image_pixels
-        self.model_id = config.model
+        # Written into every synthetic caption: a Hub id as it is, a local folder by its name
+        # (the output carries no folder of this machine).
+        self.model_id = portable_ref(config.model)
 
     def load_model(self) -> Any:
         log.info("loading captioner %s", self.config.model)

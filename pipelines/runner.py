@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import io
 import json
 import logging
@@ -87,6 +88,9 @@ def worker_environment(options: PipelineOptions) -> Iterator[None]:
 
 
 def model_ids(config: AugmentConfig) -> dict[str, Any]:
+    """The models of the run as they are written into the output (shard metadata, manifest,
+    card): Hub ids and URIs as given, a local folder by its name (`schema.portable`), a
+    translator by its content id."""
     models: dict[str, Any] = {}
     if config.captioner:
         models["captioner"] = config.captioner.model
@@ -100,9 +104,11 @@ def model_ids(config: AugmentConfig) -> dict[str, Any]:
             except Exception as exc:  # informative only
                 log.debug("no translator model id: %s", exc)
     if config.clip:
-        clip = config.clip
-        models["clip"] = f"{clip.model}:{clip.pretrained}" if clip.pretrained else clip.model
-    return models
+        clip = schema.portable({"model": config.clip.model, "pretrained": config.clip.pretrained})
+        models["clip"] = (
+            f"{clip['model']}:{clip['pretrained']}" if clip["pretrained"] else clip["model"]
+        )
+    return schema.portable(models)
 
 
 def check_config(config: AugmentConfig) -> tuple[str, ...]:
@@ -170,8 +176,17 @@ def published_run(config: AugmentConfig) -> dict[str, Any] | None:
         manifest = publish.read_manifest(config.output)
     except FileNotFoundError:
         return None
-    same = manifest.get("config") == json.loads(json.dumps(config.to_dict()))
+    # The manifest's `config` is the portable one (no local folders): the full configuration
+    # is compared through its fingerprint.
+    same = manifest.get("config_fingerprint") == config_fingerprint(config)
     return manifest if same and manifest.get("complete", True) else None
+
+
+def config_fingerprint(config: AugmentConfig) -> str:
+    """A hash of the full configuration (local paths included), which the manifest records in
+    place of those paths."""
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class ConfigMismatchError(ValueError):
@@ -253,12 +268,12 @@ def _merge_metrics(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def _translators(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     """Target language -> the translator models its committed translations came from (one,
-    unless a retranslation was interrupted)."""
+    unless a retranslation was interrupted), portable (a local folder by its name)."""
     out: dict[str, set[str]] = {}
     for r in records:
         for lang, translator in units.translators_of(r).items():
             if translator:
-                out.setdefault(lang, set()).add(translator["model"])
+                out.setdefault(lang, set()).add(schema.portable(translator["model"]))
     return {lang: sorted(models) for lang, models in sorted(out.items())}
 
 
@@ -269,8 +284,12 @@ def build_manifest(
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The dataset manifest: the run's facts (`extra`) and everything merged over the committed
-    units' records."""
+    units' records. It is published with the data, so its configuration, models and
+    translators are portable (`schema.portable`); the full configuration is compared through
+    `config_fingerprint` (and the unit records under `_units/` keep it whole)."""
     records = sorted(records, key=lambda r: r["unit"])
+    if "models" in extra:
+        extra = {**extra, "models": schema.portable(extra["models"])}
     stats = _sum([r["stats"] for r in records])
     captions = _sum([r.get("captions", {}) for r in records])
     per_language: dict[str, int] = {}
@@ -280,7 +299,8 @@ def build_manifest(
     return {
         **extra,
         "schema_version": schema.SCHEMA_VERSION,
-        "config": config.to_dict(),
+        "config": schema.portable(config.to_dict()),
+        "config_fingerprint": config_fingerprint(config),
         "complete": complete,
         "accounting": accounting.merge_books(r["accounting"] for r in records),
         "dead_letters": _sum([r["dead_letters"] for r in records]),
@@ -358,12 +378,17 @@ def _run_locked(
         raise publish.PublishGuardError(
             f"no inputs found at {config.input}: nothing committed (the output is left as it is)"
         )
-    old_plan = None if replace else units.read_plan(output)
-    plan = units.extend_plan(old_plan, inputs, config.unit_size)
-    plan_written = plan == old_plan
-    committed = {} if replace else {r["unit"]: r for r in old_records}
     current = set(inputs)
-    needed = [u for u in range(len(plan.units)) if current & set(plan.units[u])]
+
+    def planned(replace: bool) -> tuple[units.Plan, bool, dict[int, dict[str, Any]], list[int]]:
+        """The plan, whether it is already on disk, the committed units kept, the units needed."""
+        old_plan = None if replace else units.read_plan(output)
+        plan = units.extend_plan(old_plan, inputs, config.unit_size)
+        committed = {} if replace else {r["unit"]: r for r in old_records}
+        needed = [u for u in range(len(plan.units)) if current & set(plan.units[u])]
+        return plan, plan == old_plan, committed, needed
+
+    plan, plan_written, committed, needed = planned(replace)
     pending = [u for u in needed if u not in committed]
     # The translator is compared per language. A language retranslated (--retranslate) takes
     # this translator; one not named keeps its translations (recorded with their translator)
@@ -380,13 +405,11 @@ def _run_locked(
                 f"else, pass --retranslate {','.join(unasked)}.",
             )
         replace = True
-        plan = units.extend_plan(None, inputs, config.unit_size)
-        plan_written, committed = False, {}
-        needed = [u for u in range(len(plan.units)) if current & set(plan.units[u])]
+        plan, plan_written, committed, needed = planned(replace)
         pending = needed
     # Units made with fewer target languages get the missing ones added, and languages made
     # with another translator are translated again when asked (translation only).
-    missing = {} if replace else _languages_to_translate(old_records, config, set(stale))
+    missing = {} if replace else _languages_to_translate(old_records, config)
     present: set[str] = set()
     for record in committed.values():
         for f in record["files"]:
@@ -456,6 +479,8 @@ def _run_locked(
                     rows,
                     sum(dead_counts.values()),
                     accounting.duplicates_in(dead_counts),
+                    # against the unit's plan too, not only what the pipeline counted
+                    planned=sum(1 for x in unit_of.values() if x == u),
                 )
                 ids, splits, captions = _unit_contents(
                     FileSystems.join(folder, DATA_DIR), staged["files"]
@@ -553,11 +578,12 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def _languages_to_translate(
-    records: list[dict[str, Any]], config: AugmentConfig, stale: set[str]
+    records: list[dict[str, Any]], config: AugmentConfig
 ) -> dict[tuple[str, ...], list[int]]:
     """(languages to translate) -> committed units that need exactly those: the target
-    languages they lack, and the `stale` ones asked for again whose translations in that unit
-    came from another translator (a unit already redone by an interrupted run is not redone)."""
+    languages they lack, and those asked for again (--retranslate) whose translations in that
+    unit came from another translator (a unit already redone by an interrupted run is not
+    redone)."""
     new = config.to_dict()["translator"]
     out: dict[tuple[str, ...], list[int]] = {}
     for r in records:
@@ -567,9 +593,9 @@ def _languages_to_translate(
             for lang in config.languages
             if lang not in have
             or (
-                lang in stale
+                bool(new)
                 and lang in config.retranslate
-                and units.config_differences({"t": have[lang]}, {"t": new})
+                and units.translator_differences(have[lang], new)
             )
         )
         if todo and any(f["kind"] == "shard" for f in r["files"]):

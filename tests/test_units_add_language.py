@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_publish import make_inputs
 
+from babelcap.core.paths import portable_ref
 from babelcap.core.shards import find_shards
 from babelcap.pipelines.inspect import format_report, inspect_paths
 from babelcap.pipelines.options import AugmentConfig, TextFilterConfig, TranslationStageConfig
@@ -131,9 +132,12 @@ def test_retranslate_one_language_with_another_translator(tmp_path):
     metrics = manifest_out["metrics"]
     assert not [k for k in metrics if k.startswith(("babelcap.caption/", "babelcap.clip/"))]
     assert manifest_out["this_run"]["units"] == 3 and manifest_out["complete"]
-    assert manifest_out["translators"] == {"es": [str(old_tr)], "pt": [str(new_tr)]}
+    # Published by name (no folder of this machine); the unit records keep the full paths.
+    old_name, new_name = portable_ref(str(old_tr)), portable_ref(str(new_tr))
+    assert old_name != new_name and str(tmp_path) not in old_name + new_name
+    assert manifest_out["translators"] == {"es": [old_name], "pt": [new_name]}
     report = format_report(inspect_paths(str(out)))
-    assert f"| es | {old_tr} |" in report and f"| pt | {new_tr} |" in report
+    assert f"| es | {old_name} |" in report and f"| pt | {new_name} |" in report
     records = [json.loads(p.read_text()) for p in sorted((out / "_units").glob("unit-*.json"))]
     assert len(records) == 3
     assert all(r["languages_retranslated"] == ["pt"] for r in records)
@@ -145,8 +149,8 @@ def test_retranslate_one_language_with_another_translator(tmp_path):
     final_out = run(cfg(new_tr, retranslate="pt,es"), workers=1, echo=False)
     final = _rows(out)
     assert len(final) == 14 and final_out["translators"] == {
-        "es": [str(new_tr)],
-        "pt": [str(new_tr)],
+        "es": [new_name],
+        "pt": [new_name],
     }
     kept = [r for r in final if r["image_id"] in {b["image_id"] for b in before}]
     assert captions(kept, "pt") == captions(after, "pt")  # already the new translator's
@@ -189,7 +193,7 @@ def test_retry_failed_turns_transient_failures_into_rows(tmp_path):
     }
     after = _rows(out)
     assert [r for r in after if r["image_id"] in {b["image_id"] for b in before}] == before
-    (new,) = [r for r in after if r["source_uri"] == str(flaky)]
+    (new,) = [r for r in after if r["source_uri"] == "images/flaky.png"]  # from the input's folder
     assert new["captions"][0]["text"] == "a flaky little square"
     assert retried["this_run"]["units"] == 1  # only the unit that held the failure
     assert len(list(out.glob("data/*/*.parquet"))) == len(find_shards(out).files)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 
 from babelcap.core.config import Flag, add_flags, apply_flags
 
@@ -51,9 +53,22 @@ def _run(args: argparse.Namespace) -> int:
     result = export_webdataset(args.shards, args.out, config=config)
     print(json.dumps({k: v for k, v in result.items() if k != "sizes"}, indent=1))
     if result["pattern"]:
-        print(
-            "train with: python -m open_clip_train.main --dataset-type webdataset "
-            f"--train-data '{args.out.rstrip('/')}/{result['pattern']}' "
-            f"--train-num-samples {result['written']} --model local-dir:EXPORT ..."
-        )
+        print(train_hint(args.out, result["pattern"], result["written"]))
     return 0
+
+
+def train_hint(out: str, pattern: str, written: int) -> str:
+    """The open_clip_train command for this export, as it works when pasted: the tars by an
+    absolute path (the command runs from elsewhere), and the model as `local-dir:.` from
+    inside the model export (`babelcap train`'s `export/`), whose config names its text tower
+    relative to that folder."""
+    data = out.rstrip("/") + "/" + pattern
+    if "://" not in data:
+        data = os.path.abspath(data)
+    return (
+        "train with open_clip from inside a model export (EXPORT: `babelcap train`'s "
+        "RUN/export; its paths are relative to it):\n"
+        "  cd EXPORT && python -m open_clip_train.main --model local-dir:. "
+        f"--dataset-type webdataset --train-data {shlex.quote(data)} "
+        f"--train-num-samples {written} --batch-size 32 --epochs 1"
+    )

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from babelcap.core.paths import portable_ref
 
 # Major: readers refuse other majors. Minor: fields added (listed in ADDED_FIELDS), which
 # readers of this version accept as absent in files written before them.
@@ -129,17 +132,33 @@ def caption(
     }
 
 
+def portable(value: Any) -> Any:
+    """`value` (a configuration, model ids, ...: JSON-like) with every absolute local path made
+    portable (`babelcap.core.paths.portable_ref`: `/home/me/models/blip` -> `blip`). URIs, Hub
+    ids, relative paths and every other value stay as they are. For what travels with the data
+    (file metadata, the run manifest, the dataset card); the private unit records under
+    `_units/` keep the full values, which the run compares."""
+    if isinstance(value, str | os.PathLike):
+        return portable_ref(os.fspath(value))
+    if isinstance(value, Mapping):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v) for v in value]
+    return value
+
+
 def file_metadata(
     kind: str = KIND_SHARD,
     config: Mapping[str, Any] | None = None,
     models: Mapping[str, Any] | None = None,
 ) -> dict[bytes, bytes]:
-    """Parquet key-value metadata for a babelcap file."""
+    """Parquet key-value metadata for a babelcap file (paths made portable: a shard carries no
+    folder of the machine that wrote it)."""
     return {
         META_SCHEMA_VERSION: SCHEMA_VERSION.encode(),
         META_KIND: kind.encode(),
-        META_CONFIG: json.dumps(dict(config or {}), sort_keys=True, default=str).encode(),
-        META_MODELS: json.dumps(dict(models or {}), sort_keys=True, default=str).encode(),
+        META_CONFIG: json.dumps(portable(dict(config or {})), sort_keys=True, default=str).encode(),
+        META_MODELS: json.dumps(portable(dict(models or {})), sort_keys=True, default=str).encode(),
     }
 
 

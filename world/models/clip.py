@@ -9,12 +9,15 @@ Written into the model folder (`DIR/models/clip-base/`):
 
     text/                          HF XLMRobertaConfig + tokenizer (+ the initial weights)
     world-clip.json                open_clip model config ("hf_model_name": "text", relative)
-    open_clip_config.json          open_clip local-dir config (absolute paths)
+    open_clip_config.json          open_clip local-dir config (the same relative "text")
     open_clip_model.safetensors    the trained weights
     eval.json                      per-language retrieval on the world's test split
 
-Load with `training.models.load_clip(DIR/models/clip-base)` or plain open_clip:
-`open_clip.create_model_and_transforms("local-dir:DIR/models/clip-base")`.
+The folder moves as a whole (no path of the machine that built it). Load with
+`babelcap.models.clip.load_clip(DIR/models/clip-base)` (resolves "text" against the folder) or
+plain open_clip from inside the folder, as for any babelcap export
+(`training/export.py`): `open_clip.create_model_and_transforms("local-dir:.")`;
+`open_clip.get_tokenizer("local-dir:DIR/models/clip-base")` works from anywhere.
 """
 
 from __future__ import annotations
@@ -134,11 +137,6 @@ def model_config(config: dict[str, Any], text_dir: str) -> dict[str, Any]:
     }
 
 
-def _final_dir(out_dir: Path) -> Path:
-    # The registry builds into `<name>.partial` and renames it when done.
-    return out_dir.with_name(out_dir.name.removesuffix(".partial"))
-
-
 def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     from babelcap.models.clip import load_clip
     from babelcap.training.config import TrainConfig
@@ -195,8 +193,7 @@ def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, A
         shutil.copy(Path(tmp) / "run" / "metrics.jsonl", out_dir / "train_metrics.jsonl")
         # What the base CLIP trained on travels with it: evaluations check against it.
         shutil.copy(Path(tmp) / "run" / INDEX_FILE, out_dir / INDEX_FILE)
-    export_open_clip(bundle, out_dir, name="world-clip")
-    _fix_paths(out_dir)
+    export_open_clip(bundle, out_dir, name="world-clip")  # text tower paths: "text", relative
 
     reloaded = load_clip(str(out_dir))
     results = evaluate(reloaded, world_eval_data(world_dir, LANGUAGES, "test"), name="clip-base")
@@ -209,18 +206,6 @@ def build(world_dir: Path, out_dir: Path, config: dict[str, Any]) -> dict[str, A
         "parameters": summary["parameters"]["total"],
         "test_mean_recall": mean_recall,
     }
-
-
-def _fix_paths(out_dir: Path) -> None:
-    """Relative text-tower paths in the plain config, absolute final ones for local-dir."""
-    cfg = json.loads((out_dir / MODEL_CONFIG).read_text())
-    cfg["text_cfg"]["hf_model_name"] = cfg["text_cfg"]["hf_tokenizer_name"] = "text"
-    (out_dir / MODEL_CONFIG).write_text(json.dumps(cfg, indent=2))
-    local = json.loads((out_dir / "open_clip_config.json").read_text())
-    final_text = str((_final_dir(out_dir) / "text").resolve())
-    local["model_cfg"]["text_cfg"]["hf_model_name"] = final_text
-    local["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = final_text
-    (out_dir / "open_clip_config.json").write_text(json.dumps(local, indent=2))
 
 
 register(ModelSpec("clip-base", "babelcap.world.models.clip:build", DEFAULT_CONFIG))
