@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from babelcap.world import models as wm
-from babelcap.world.models.parallel import build_models_parallel
+from babelcap.world.models.parallel import available_cores, build_models_parallel
 
 BUILDER = '''
 import json
@@ -26,9 +26,12 @@ ROOT = Path(__file__).parent
 
 def build(world_dir, out_dir, config):
     """Log the build; meet the builders named in `meet` (each must be running too)."""
+    import torch
+
     name = config["name"]
+    record = {"name": name, "pid": os.getpid(), "threads": torch.get_num_threads()}
     with open(ROOT / "builds.log", "a") as f:
-        f.write(json.dumps({"name": name, "pid": os.getpid()}) + "\\n")
+        f.write(json.dumps(record) + "\\n")
     for dep in config.get("needs", []):  # `requires` kept: its stamp is there already
         assert (Path(world_dir) / "models" / dep / "babelcap-build.json").exists(), dep
     if config.get("fail"):
@@ -85,6 +88,8 @@ def test_independent_models_build_at_once_requirements_first(toy_models):
     assert len({b["pid"] for b in builds[:2]}) == 2 and os.getpid() not in {
         b["pid"] for b in builds
     }
+    # Each build runs on its share of the cores: two builds never ask for more threads than cores.
+    assert {b["threads"] for b in builds} == {max(1, available_cores() // 2)}
     assert set(stamps) == {"toy-a", "toy-b", "toy-c"}
     assert all(wm.is_built(world, name) for name in stamps)
     assert stamps["toy-c"]["summary"] == {"name": "toy-c"}
@@ -117,7 +122,7 @@ def test_one_job_or_one_model_builds_in_this_process(toy_models, monkeypatch):
         wm.MODELS, "toy-a", wm.ModelSpec("toy-a", "toybuilder:build", {"name": "toy-a"})
     )
     build_models_parallel(world, only=["toy-a"])
-    assert _builds(src) == [{"name": "toy-a", "pid": os.getpid()}]
+    assert [(b["name"], b["pid"]) for b in _builds(src)] == [("toy-a", os.getpid())]
     with pytest.raises(ValueError, match="jobs"):
         build_models_parallel(world, only=["toy-a"], jobs=0)
 

@@ -12,13 +12,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Runs babelcap end to end on the built-in synthetic world. Every step is "
         "cached in --dir, so a second run only re-evaluates and re-writes the report.",
     )
-    p.add_argument("--dir", default=".cache/demo", help="working folder (default .cache/demo)")
-    p.add_argument("--images", type=int, default=1000, help="world size (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--languages", default="pt,es,de,hi", help="augmentation target languages")
-    p.add_argument("--num-captions", type=int, default=5, help="synthetic captions per image")
-    p.add_argument("--steps", type=int, default=None, help="training steps (config default)")
-    p.add_argument("--workers", type=int, default=2, help="Beam worker processes")
+    from babelcap.demo import DemoConfig  # light: each step imports its libraries itself
+
+    d = DemoConfig()  # the defaults, defined once
+    p.add_argument("--dir", default=d.out, help=f"working folder (default {d.out})")
+    p.add_argument("--images", type=int, default=d.images, help=f"world size (default {d.images})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--languages",
+        default=",".join(d.languages),
+        help=f"augmentation target languages (default {','.join(d.languages)})",
+    )
+    p.add_argument(
+        "--num-captions",
+        type=int,
+        default=d.num_captions,
+        help=f"synthetic captions per image (default {d.num_captions})",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=d.train_steps,
+        help=f"training steps (default {d.train_steps}; 0: the training config's)",
+    )
+    p.add_argument("--workers", type=int, default=d.workers, help="Beam worker processes")
     p.set_defaults(func=run)
 
 
@@ -32,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             languages=tuple(s for s in args.languages.split(",") if s),
             num_captions=args.num_captions,
-            train_steps=args.steps,
+            train_steps=args.steps or None,
             workers=args.workers,
         )
     )

@@ -52,9 +52,16 @@ def _build_one(
     force: bool,
     overrides: Mapping[str, Mapping[str, Any]] | None,
     log_level: int,
+    threads: int,
 ) -> dict[str, Any]:
-    """In a child process: build model `name` (its requirements are built already)."""
+    """In a child process: build model `name` (its requirements are built already) on
+    `threads` torch threads, its share of the cores."""
+    import torch
+
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(message)s")
+    # More threads than cores across the builds makes torch's OpenMP workers spin against each
+    # other: a captioner on 2 threads beside another build ran 5x slower than alone.
+    torch.set_num_threads(threads)
     _register_all()  # first: importing the model modules registers their default specs
     for spec in specs:  # then the parent's (a spec replaced at run time included)
         register(spec)
@@ -90,6 +97,7 @@ def build_models_parallel(
         return build_models(world_dir, only=names, force=force, overrides=overrides)
 
     specs = [MODELS[n] for n in names]
+    threads = max(1, available_cores() // min(jobs, len(todo)))
     done = {n for n in names if n not in todo}
     running: dict[Future, str] = {}
     # spawn, not fork: the parent may hold torch's thread pools and Beam's threads.
@@ -100,7 +108,15 @@ def build_models_parallel(
                 ready = [n for n in todo if all(d in done for d in MODELS[n].requires)]
                 for name in ready[: max(0, jobs - len(running))]:
                     log.info("world model %s: building in a separate process", name)
-                    args = (str(world_dir), specs, name, force, overrides, log.getEffectiveLevel())
+                    args = (
+                        str(world_dir),
+                        specs,
+                        name,
+                        force,
+                        overrides,
+                        log.getEffectiveLevel(),
+                        threads,
+                    )
                     running[pool.submit(_build_one, *args)] = name
                     todo.remove(name)
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
