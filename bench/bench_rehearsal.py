@@ -18,8 +18,13 @@ projection for one million images on this machine.
     python bench/bench_rehearsal.py                      # 120 images, 1 and 2 workers, CPU
     python bench/bench_rehearsal.py --quick              # 8 images, 1 worker (a smoke run)
     python bench/bench_rehearsal.py --device cuda        # fp16 BLIP, CT2 int8_float16, CUDA CLIP
+    python bench/bench_rehearsal.py --compare-sharing    # 2 workers: own models vs one shared copy
 
-Writes bench/results/rehearsal.json (+ the Markdown table it prints).
+Writes bench/results/rehearsal.json (+ the Markdown table it prints). `--compare-sharing` runs
+the pipeline with 2 worker processes twice, each loading its own models (`model_copies` 0) and
+sharing one copy of each (`--model-copies`, default 1), and writes only the file's `sharing` key
+(the other figures stay as they are): wall time, peak RSS of the whole process tree and of each
+process, model loads and load seconds per stage.
 """
 
 from __future__ import annotations
@@ -185,7 +190,13 @@ class TreeMemory:
 
 
 # --- one run (in its own process, so memory and threads are clean) --------------------------
-def make_config(images: Path, out: Path, models: dict[str, str], args: argparse.Namespace):
+def make_config(
+    images: Path,
+    out: Path,
+    models: dict[str, str],
+    args: argparse.Namespace,
+    model_copies: int = 0,
+):
     from babelcap.pipelines.options import (
         AugmentConfig,
         CaptionerConfig,
@@ -219,6 +230,7 @@ def make_config(images: Path, out: Path, models: dict[str, str], args: argparse.
             min_words=1, min_chars=1, near_duplicate_threshold=1.01, language_check=False
         ),
         num_shards=1,
+        model_copies=model_copies,
     )
 
 
@@ -242,7 +254,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from babelcap.pipelines.runner import run
 
     args = argparse.Namespace(**spec["args"])
-    cfg = make_config(Path(spec["images"]), Path(spec["out"]), spec["models"], args)
+    copies = spec.get("model_copies", 0)
+    cfg = make_config(Path(spec["images"]), Path(spec["out"]), spec["models"], args, copies)
     with TreeMemory() as mem:
         start = time.perf_counter()
         manifest = run(cfg, workers=spec["workers"], echo=False)
@@ -250,6 +263,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     stats = manifest["stats"]
     return {
         "workers": spec["workers"],
+        "model_copies": manifest["config"]["model_copies"],  # as run (0 with one worker)
         "wall_s": round(wall, 2),
         "accounting": manifest["accounting"],
         "captions": stats.get("caption.generated", 0),
@@ -312,7 +326,7 @@ def caption_paths(images: Path, models: dict[str, str], args: dict[str, Any], n:
     start = time.perf_counter()
     pics = [decode_rgb(r["data"]) for r in batch]
     for prompt in prompts_for(cfg.prompts, cfg.num_captions):
-        handler._generate(bundle, pics, prompt, None)
+        bundle._generate(pics, prompt, None)
     generic = time.perf_counter() - start
     return {
         "images": len(batch),
@@ -434,9 +448,9 @@ def markdown(data: dict[str, Any]) -> str:
         *[f"| {k} | {v['load_s']} | {v['rss_mb']} |" for k, v in copies.items()],
         f"| all three | | {total} |",
         "",
-        f"Every worker process loads its own copy of each model (the handlers' "
-        f"`share_model_across_processes()` is False): sharing one copy between N workers on a "
-        f"machine would save (N - 1) x {total} MB. Decoding one of these photos takes "
+        f"Unless the models are shared (`--model-copies 1`), every worker process loads its "
+        f"own copy of each model: sharing one copy between N workers on a machine saves up to "
+        f"(N - 1) x {total} MB. Decoding one of these photos takes "
         f"{data['decode']['decode_s_per_image']} s, and the pipeline decodes each image in three "
         f"stages (decode, caption, CLIP).",
     ]
@@ -449,7 +463,114 @@ def markdown(data: dict[str, Any]) -> str:
             f"batch) against {c['generic_s_per_image']} s through the generic path "
             f"(processor + `generate` per prompt): **{c['speedup']}x**.",
         ]
+    if data.get("sharing"):
+        sharing = data["sharing"]
+        lines += [
+            "",
+            f"Shared models (`{sharing['command']}`, {sharing['date']}):",
+            "",
+            sharing["markdown"],
+        ]
     return "\n".join(lines)
+
+
+# --- shared models against each worker's own -------------------------------------------------
+def warm_page_cache(models: dict[str, str]) -> None:
+    """Read every model file once, so the first timed run does not pay for the disk alone."""
+    for folder in models.values():
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    while f.read(1 << 24):
+                        pass
+
+
+def sharing_markdown(sharing: dict[str, Any]) -> str:
+    cfg, img = sharing["config"], sharing["inputs"]
+    lines = [
+        f"{img['images']} generated photos, device `{cfg['device']}`, {cfg['num_captions']} "
+        f"captions per image, into {cfg['languages']}; the same models as above.",
+        "",
+        "| workers | model copies | wall s | images/s | peak RSS per process (MB) "
+        "| whole tree peak (MB) | model loads caption / clip / translate | load s |",
+        "|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
+    for run in sharing["runs"]:
+        m, st = run["memory"], run["stages"]
+        loads = " / ".join(str(st.get(s, {}).get("loads", 0)) for s in STAGES)
+        load_s = round(sum(st.get(s, {}).get("load_s", 0.0) for s in STAGES), 2)
+        lines.append(
+            f"| {run['workers']} | {run['model_copies'] or 'own'} | {run['wall_s']} | "
+            f"{run['accounting']['inputs'] / run['wall_s']:.2f} | "
+            f"{m['driver_peak_mb']} (driver); {', '.join(str(v) for v in m['worker_peak_mb'])} | "
+            f"{m['tree_peak_mb']} | {loads} | {load_s} |"
+        )
+    c = sharing["comparison"]
+    lines += [
+        "",
+        f"Sharing saved {c['tree_peak_saved_mb']} MB of the process tree's peak "
+        f"({c['tree_peak_saved_share'] * 100:.0f}%); wall time {c['wall_ratio']}x that of "
+        "the workers with their own models. (With sharing, a stage's batch latencies include "
+        "the time a worker waits for the copy while it serves the other worker.)",
+    ]
+    return "\n".join(lines)
+
+
+def compare_sharing(
+    args: argparse.Namespace, images: Path, models: dict[str, str], cache: Path
+) -> dict[str, Any]:
+    """The pipeline with the same workers twice: each process loading its own models, then
+    one shared set (`args.model_copies`, at least 1); each run in its own process."""
+    from common import machine
+
+    workers = max(2, max(int(w) for w in args.workers.split(",")))
+    config = {k: v for k, v in vars(args).items() if k != "cache"}
+    print("[rehearsal] reading the model files once (page cache) ...", flush=True)
+    warm_page_cache(models)
+    runs = []
+    for copies in (0, max(1, args.model_copies)):
+        print(f"[rehearsal] {args.images} images, {workers} workers, model copies {copies}")
+        out = cache / f"out-w{workers}-copies{copies}"
+        shutil.rmtree(out, ignore_errors=True)  # a fresh output: the runner would resume it
+        spec = {
+            "images": str(images),
+            "out": str(out),
+            "models": models,
+            "workers": workers,
+            "model_copies": copies,
+            "args": config,
+        }
+        run = in_subprocess("--_run", spec)
+        print(f"[rehearsal] {json.dumps(run)}", flush=True)
+        runs.append(run)
+    own, shared = runs
+    saved = own["memory"]["tree_peak_mb"] - shared["memory"]["tree_peak_mb"]
+    sharing = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+        "machine": machine(),
+        "config": config,
+        "inputs": make_images(images, args.images),
+        "runs": runs,
+        "comparison": {
+            "tree_peak_saved_mb": saved,
+            "tree_peak_saved_share": round(saved / max(1, own["memory"]["tree_peak_mb"]), 3),
+            "wall_ratio": round(shared["wall_s"] / max(1e-9, own["wall_s"]), 3),
+        },
+    }
+    sharing["markdown"] = sharing_markdown(sharing)
+    return sharing
+
+
+def write_sharing(sharing: dict[str, Any], path: Path) -> None:
+    """Set the results file's `sharing` key, leaving its other figures as they are."""
+    data = json.loads(path.read_text()) if path.exists() else {"title": "Full-size rehearsal"}
+    data["sharing"] = sharing
+    if data.get("runs"):  # the main table, now with the sharing one after it
+        data["markdown"] = markdown(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    print(sharing["markdown"])
 
 
 def main() -> int:
@@ -483,6 +604,24 @@ def main() -> int:
     parser.add_argument(
         "--render", action="store_true", help="only rebuild the table from the last results"
     )
+    parser.add_argument(
+        "--model-copies",
+        type=int,
+        default=0,
+        help="copies of each model shared by the worker processes (AugmentConfig.model_copies; "
+        "0: each worker loads its own)",
+    )
+    parser.add_argument(
+        "--compare-sharing",
+        action="store_true",
+        help="2 (or the most --workers) worker processes with their own models, then with "
+        "--model-copies (at least 1) shared copies; writes only the results' `sharing` key",
+    )
+    parser.add_argument(
+        "--results",
+        default=str(HERE / "results" / "rehearsal.json"),
+        help="results file of --compare-sharing (default bench/results/rehearsal.json)",
+    )
     args = parser.parse_args()
     if args.render:
         path = HERE / "results" / "rehearsal.json"
@@ -512,6 +651,9 @@ def main() -> int:
     models = model_dirs(cache / "models")
     images = cache / f"images-{args.images}"
     inputs = make_images(images, args.images)
+    if args.compare_sharing:
+        write_sharing(compare_sharing(args, images, models, cache), Path(args.results))
+        return 0
     data: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k != "cache"},
         "inputs": inputs,
@@ -541,6 +683,7 @@ def main() -> int:
             "out": str(cache / f"out-w{w}"),
             "models": models,
             "workers": w,
+            "model_copies": args.model_copies,
             "args": data["config"],
         }
         # A fresh output each time: the runner would otherwise resume (or refuse) the last one.
@@ -550,6 +693,9 @@ def main() -> int:
         run["summary"] = summarise(run, run["accounting"]["inputs"])
         run["projection"] = projection(run, cores)
         data["runs"].append(run)
+    last = HERE / "results" / "rehearsal.json"
+    if last.exists() and "sharing" in (previous := json.loads(last.read_text())):
+        data["sharing"] = previous["sharing"]  # measured on its own (--compare-sharing): kept
     write_results("rehearsal", "Full-size rehearsal", data, markdown(data))
     return 0
 

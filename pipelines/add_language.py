@@ -101,7 +101,9 @@ def build_add_languages(
         | "Spread" >> beam.Reshuffle()
         | "ReadRows" >> beam.FlatMap(_read_rows, frozenset(languages))
     )
-    translated, failed = rows | "Translate" >> Translate(config.translator, tuple(languages))
+    translated, failed = rows | "Translate" >> Translate(
+        config.translator, tuple(languages), config.model_copies
+    )
     original = rows | "KeyOriginal" >> beam.Map(lambda r: (r["input_ref"], r))
     failed_keys = failed | "KeyFailed" >> beam.Map(
         lambda d: (getattr(d, "value", d)["row"]["input_ref"], 1)

@@ -137,13 +137,15 @@ def build(
 
     if config.captioner is not None:
         records, failed = records | "Caption" >> Caption(
-            config.captioner, config.seed, config.max_image_pixels
+            config.captioner, config.seed, config.max_image_pixels, config.model_copies
         )
         dead.append(failed)
     records = records | "FilterEnglish" >> beam.ParDo(FilterEnglish(config.text))
     clip = config.clip
     if clip is not None and (clip.score or clip.embed_images):
-        records, failed = records | "Clip" >> ClipScore(clip, config.max_image_pixels)
+        records, failed = records | "Clip" >> ClipScore(
+            clip, config.max_image_pixels, config.model_copies
+        )
         dead.append(failed)
     records = records | "SelectCaptions" >> beam.ParDo(SelectCaptions(config.text, clip))
     # No stage after this one looks at pixels: stop shipping the original bytes between stages
@@ -152,7 +154,9 @@ def build(
         StoreImage(config.store_image, input_roots(config))
     )
     if languages:
-        records, failed = records | "Translate" >> Translate(config.translator, languages)
+        records, failed = records | "Translate" >> Translate(
+            config.translator, languages, config.model_copies
+        )
         dead.append(failed)
         records = records | "FilterTranslations" >> beam.ParDo(
             FilterTranslations(config.text, languages)

@@ -2,14 +2,19 @@
 
 `CaptionModelHandler` loads any transformers image-to-text model (BLIP, BLIP-2, GIT,
 VisionEncoderDecoder...) by hub name or path, through `AutoProcessor` and
-`AutoModelForImageTextToText` (or the class named in the config). RunInference loads it once
-per worker process (its shared handle) and batches records. For each batch it writes
-`num_captions` captions per image, one per prompt prefix (CAPIVARA's ten by default; prompts
-cycle when more captions than prompts are asked for, which makes sense with sampling). Greedy /
-beam decoding is deterministic; sampling is seeded per image and prompt, so a seed fixes the
-output whatever the batching. With BLIP, the image work (decoding, preprocessing, the vision
-tower, the decoder's cross-attention keys/values) is done once per batch and shared by the
-prompts, which on a full-size BLIP-base is most of the cost of ten captions.
+`AutoModelForImageTextToText` (or the class named in the config), as a `Captioner`.
+RunInference loads it once per worker process (or shares `model_copies` copies per machine
+between the worker processes) and batches records. For each batch it writes `num_captions`
+captions per image, one per prompt prefix (CAPIVARA's ten by default; prompts cycle when more
+captions than prompts are asked for, which makes sense with sampling). Greedy / beam decoding
+is deterministic; sampling is seeded per image and prompt, so a seed fixes the output whatever
+the batching. With BLIP, the image work (decoding, preprocessing, the vision tower, the
+decoder's cross-attention keys/values) is done once per batch and shared by the prompts, which
+on a full-size BLIP-base is most of the cost of ten captions.
+
+The handler sends the `Captioner` the batch's encoded images (the bytes it already holds: far
+smaller than decoded pixels when the model is shared and they are pickled to its process),
+the prompts and the seeds; it gets the texts back and builds the captions.
 """
 
 from __future__ import annotations
@@ -23,20 +28,29 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from babelcap.core import schema
-from babelcap.core.devices import limit_torch_threads, resolve_device
+from babelcap.core.devices import resolve_device
 from babelcap.core.images import decode_rgb
 from babelcap.core.paths import portable_ref
 from babelcap.pipelines.accounting import bump
 from babelcap.pipelines.deadletter import DEAD, reject
-from babelcap.pipelines.models import Loaded, local_model_path
+from babelcap.pipelines.models import (
+    ModelSharing,
+    ServedModel,
+    limit_model_threads,
+    local_model_path,
+    served_method,
+)
 
 log = logging.getLogger(__name__)
 
 STAGE = "caption"
 
 
-def load_captioner(model: str, model_class: str | None, device: str) -> tuple[Any, Any, str]:
-    """(processor, model, device) through transformers' own loaders; fp16 on GPU."""
+def load_captioner(
+    model: str, model_class: str | None, device: str, copies: int = 0
+) -> tuple[Any, Any, str]:
+    """(processor, model, device) through transformers' own loaders; fp16 on GPU. `copies`:
+    the model's copies shared per machine (0: this process's own), for its threads."""
     import torch
     import transformers
 
@@ -48,7 +62,7 @@ def load_captioner(model: str, model_class: str | None, device: str) -> tuple[An
         klass = getattr(transformers, "AutoModelForImageTextToText", None)
         klass = klass or transformers.AutoModelForVision2Seq  # transformers < 4.46
     device = resolve_device(device)
-    limit_torch_threads()
+    limit_model_threads(copies)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     net = klass.from_pretrained(path, dtype=dtype)
     net.to(device).eval()
@@ -67,33 +81,54 @@ def _seed(seed: int, image_id: str, k: int) -> int:
     return int(hashlib.sha256(f"{seed}:{image_id}:{k}".encode()).hexdigest()[:8], 16)
 
 
-class CaptionModelHandler(ModelHandler[dict, dict, Any]):
-    """RunInference handler: records in, records with synthetic captions appended out."""
+class Captioner(ServedModel):
+    """A loaded image-to-text model: `caption` writes a batch's captions (what
+    `CaptionModelHandler.load_model` returns; see `ServedModel`)."""
 
-    def __init__(self, config, seed: int = 0, max_image_pixels: int = 64_000_000):
+    def __init__(self, config, max_image_pixels: int = 64_000_000, copies: int = 0):
         super().__init__()
-        self.config = config  # options.CaptionerConfig: light and picklable
-        self.seed = seed
+        self.config = config  # options.CaptionerConfig
         self.max_image_pixels = max_image_pixels
-        # Written into every synthetic caption: a Hub id as it is, a local folder by its name
-        # (the output carries no folder of this machine).
-        self.model_id = portable_ref(config.model)
-
-    def load_model(self) -> Any:
-        log.info("loading captioner %s", self.config.model)
-        processor, net, device = load_captioner(
-            self.config.model, self.config.model_class, self.config.device
+        self.processor, self.net, self.device = load_captioner(
+            config.model, config.model_class, config.device, copies
         )
-        return Loaded(processor=processor, net=net, device=device)
 
-    def batch_elements_kwargs(self) -> dict[str, Any]:
-        return {"min_batch_size": self.config.batch_size, "max_batch_size": self.config.batch_size}
+    @served_method
+    def caption(
+        self, images: list[bytes], prompts: list[str], seeds: list[list[int]] | None = None
+    ) -> list[list[str]]:
+        """texts[prompt][image] for the encoded `images`, raw as the model decodes them;
+        `seeds[k][i]` seeds the sampling of prompt k for image i (None: no sampling).
 
-    def share_model_across_processes(self) -> bool:
-        return False
+        BLIP: each image is decoded and preprocessed once and goes through the vision tower
+        once per batch, and the decoder's cross-attention keys/values are computed once,
+        whatever the number of prompts (the generic path repeats all three per prompt); the
+        decoder then runs per prompt on them, exactly as `BlipForConditionalGeneration.generate`
+        does (tests/test_captioning.py)."""
+        from transformers import BlipForConditionalGeneration
 
-    def get_metrics_namespace(self) -> str:
-        return "babelcap.caption"
+        if not isinstance(self.net, BlipForConditionalGeneration):
+            pics = [decode_rgb(data, self.max_image_pixels) for data in images]
+            with self._lock:
+                return [
+                    self._generate(pics, p, None if seeds is None else seeds[k])
+                    for k, p in enumerate(prompts)
+                ]
+        import torch
+
+        processor, device, net = self.processor, self.device, self.net
+        # One full-resolution image alive at a time: decode, preprocess, let it go. (Outside
+        # the lock: a shared copy decodes one caller's images while it runs another's batch.)
+        pixels = torch.cat(
+            [
+                processor(images=[decode_rgb(data, self.max_image_pixels)], return_tensors="pt")[
+                    "pixel_values"
+                ]
+                for data in images
+            ]
+        ).to(device, dtype=net.dtype)
+        with self._lock:
+            return self._blip_captions(pixels, prompts, seeds)
 
     def _generate_kwargs(self) -> dict[str, Any]:
         cfg = self.config
@@ -104,11 +139,11 @@ class CaptionModelHandler(ModelHandler[dict, dict, Any]):
             kwargs.update(do_sample=False, num_beams=cfg.num_beams)
         return kwargs
 
-    def _generate(self, bundle, images, prompt: str, seeds: list[int] | None) -> list[str]:
+    def _generate(self, images: list[Any], prompt: str, seeds: list[int] | None) -> list[str]:
         """Any image-to-text model: the processor and `generate` per prompt."""
         import torch
 
-        processor, net, device = bundle.processor, bundle.net, bundle.device
+        processor, net, device = self.processor, self.net, self.device
         kwargs = self._generate_kwargs()
         text = [prompt] * len(images) if prompt else None
         if seeds is None:
@@ -127,33 +162,13 @@ class CaptionModelHandler(ModelHandler[dict, dict, Any]):
             texts.extend(processor.batch_decode(out, skip_special_tokens=True))
         return texts
 
-    def _captions(self, bundle, batch: Sequence[dict], prompts: list[str]) -> list[list[str]]:
-        """texts[prompt][image]. BLIP: each image is decoded and preprocessed once and goes
-        through the vision tower once per batch, and the decoder's cross-attention keys/values
-        are computed once, whatever the number of prompts (the generic path repeats all three
-        per prompt); the decoder then runs per prompt on them, exactly as
-        `BlipForConditionalGeneration.generate` does (tests/test_captioning.py)."""
-        from transformers import BlipForConditionalGeneration
-
-        net = bundle.net
-        if not isinstance(net, BlipForConditionalGeneration):
-            images = [decode_rgb(r["data"], self.max_image_pixels) for r in batch]
-            return [
-                self._generate(bundle, images, p, self._seeds(batch, k))
-                for k, p in enumerate(prompts)
-            ]
+    def _blip_captions(
+        self, pixels: Any, prompts: list[str], seeds: list[list[int]] | None
+    ) -> list[list[str]]:
+        """BLIP's captions from the batch's preprocessed `pixels` (see `caption`)."""
         import torch
 
-        processor, device = bundle.processor, bundle.device
-        # One full-resolution image alive at a time: decode, preprocess, let it go.
-        pixels = torch.cat(
-            [
-                processor(
-                    images=[decode_rgb(r["data"], self.max_image_pixels)], return_tensors="pt"
-                )["pixel_values"]
-                for r in batch
-            ]
-        ).to(device, dtype=net.dtype)
+        processor, device, net = self.processor, self.device, self.net
         text_cfg = net.config.text_config
         kwargs = self._generate_kwargs()
         with torch.inference_mode():
@@ -162,13 +177,14 @@ class CaptionModelHandler(ModelHandler[dict, dict, Any]):
             # cost about half a vision pass; compute them once per batch, not once per prompt.
             # (Beam search expands the batch inside generate: it keeps generate's own cache.)
             cross = _cross_keys_values(net, embeds) if self.config.num_beams == 1 else None
+        n = len(pixels)
         out: list[list[str]] = []
         for k, prompt in enumerate(prompts):
             if prompt:
-                tok = processor(text=[prompt] * len(batch), return_tensors="pt", padding=True)
+                tok = processor(text=[prompt] * n, return_tensors="pt", padding=True)
                 ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
             else:
-                ids = torch.tensor([[text_cfg.bos_token_id, text_cfg.eos_token_id]] * len(batch))
+                ids = torch.tensor([[text_cfg.bos_token_id, text_cfg.eos_token_id]] * n)
                 ids, mask = ids.to(device), None
             ids[:, 0] = text_cfg.bos_token_id
 
@@ -187,19 +203,43 @@ class CaptionModelHandler(ModelHandler[dict, dict, Any]):
                     **kwargs,
                 )
 
-            seeds = self._seeds(batch, k)
             with torch.inference_mode():
                 if seeds is None:
                     texts = processor.batch_decode(decode(slice(None)), skip_special_tokens=True)
                 else:  # sampling: one seeded call per image, so batching changes nothing
                     texts = []
-                    for i, seed in enumerate(seeds):
+                    for i, seed in enumerate(seeds[k]):
                         torch.manual_seed(seed)
                         texts += processor.batch_decode(
                             decode(slice(i, i + 1)), skip_special_tokens=True
                         )
             out.append(texts)
         return out
+
+
+class CaptionModelHandler(ModelSharing, ModelHandler[dict, dict, Any]):
+    """RunInference handler: records in, records with synthetic captions appended out.
+    `copies` >= 1 shares that many `Captioner`s per machine between the worker processes."""
+
+    def __init__(self, config, seed: int = 0, max_image_pixels: int = 64_000_000, copies: int = 0):
+        super().__init__()
+        self.config = config  # options.CaptionerConfig: light and picklable
+        self.seed = seed
+        self.max_image_pixels = max_image_pixels
+        self.copies = copies
+        # Written into every synthetic caption: a Hub id as it is, a local folder by its name
+        # (the output carries no folder of this machine).
+        self.model_id = portable_ref(config.model)
+
+    def load_model(self) -> Captioner:
+        log.info("loading captioner %s", self.config.model)
+        return Captioner(self.config, self.max_image_pixels, self.copies)
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        return {"min_batch_size": self.config.batch_size, "max_batch_size": self.config.batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        return "babelcap.caption"
 
     def _seeds(self, batch: Sequence[dict], k: int) -> list[int] | None:
         if not self.config.sampling:
@@ -210,8 +250,12 @@ class CaptionModelHandler(ModelHandler[dict, dict, Any]):
         self, batch: Sequence[dict], model: Any, inference_args: dict | None = None
     ) -> Iterable[dict]:
         prompts = prompts_for(self.config.prompts, self.config.num_captions)
+        seeds = (
+            [self._seeds(batch, k) for k in range(len(prompts))] if self.config.sampling else None
+        )
+        texts_per_prompt = model.caption([r["data"] for r in batch], prompts, seeds)
         captions: list[list[dict]] = [[] for _ in batch]
-        for prompt, texts in zip(prompts, self._captions(model, batch, prompts), strict=True):
+        for prompt, texts in zip(prompts, texts_per_prompt, strict=True):
             for i, text in enumerate(texts):
                 text = " ".join(text.split())
                 if prompt and not text.lower().startswith(prompt.lower()):
@@ -279,9 +323,11 @@ class FailedBatch(beam.DoFn):
 class Caption(beam.PTransform):
     """records -> (records with synthetic captions, dead letters)."""
 
-    def __init__(self, config, seed: int, max_image_pixels: int):
+    def __init__(self, config, seed: int, max_image_pixels: int, model_copies: int = 0):
         super().__init__()
-        self.handler = CaptionModelHandler(config, seed=seed, max_image_pixels=max_image_pixels)
+        self.handler = CaptionModelHandler(
+            config, seed=seed, max_image_pixels=max_image_pixels, copies=model_copies
+        )
 
     def expand(self, records):
         main, other = (
@@ -293,4 +339,11 @@ class Caption(beam.PTransform):
         return main, dead
 
 
-__all__ = ["DEAD", "Caption", "CaptionModelHandler", "load_captioner", "prompts_for"]
+__all__ = [
+    "DEAD",
+    "Caption",
+    "CaptionModelHandler",
+    "Captioner",
+    "load_captioner",
+    "prompts_for",
+]

@@ -238,6 +238,14 @@ class AugmentConfig(FrozenConfigModel):
         "retranslating): a unit costs a fraction of a full one there, while every pipeline "
         "pays its start-up and model loads",
     )
+    model_copies: int = Field(
+        0,
+        ge=0,
+        description="copies of each model (captioner, CLIP, translator) per machine, shared by "
+        "its worker processes (a local run's --workers, a Dataflow VM's SDK processes) through "
+        "Beam's multi-process shared models: 1 loads each model once instead of once per "
+        "worker process; 0: every worker process loads its own. Changes no output",
+    )
     max_dead_letter_share: float = Field(
         0.5,
         ge=0.0,

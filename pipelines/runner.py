@@ -66,6 +66,24 @@ def pipeline_options(beam_args: Sequence[str] = (), workers: int = 2) -> Pipelin
     return options
 
 
+def one_process(options: PipelineOptions) -> bool:
+    """Whether the local runner runs every worker in this process (one worker, or a
+    running mode other than multi_processing)."""
+    local = options.view_as(StandardOptions).runner in (LOCAL_RUNNER, "DirectRunner")
+    mode = options.view_as(DirectOptions).direct_running_mode
+    return local and mode != "multi_processing"
+
+
+def for_runner(config: AugmentConfig, options: PipelineOptions) -> AugmentConfig:
+    """`config` as the pipelines run it on this runner: where every worker runs in this process,
+    there is nothing to share a model with, and a shared copy would be served from this process
+    through a proxy and outlive the run (Beam never releases it), so `model_copies` is 0."""
+    if config.model_copies and one_process(options):
+        log.info("model_copies %d ignored: every worker runs in this process", config.model_copies)
+        return config.updated({"model_copies": 0})
+    return config
+
+
 @contextlib.contextmanager
 def worker_environment(options: PipelineOptions) -> Iterator[None]:
     """While a local multi-process run lasts, its worker processes (which inherit this
@@ -184,8 +202,10 @@ def published_run(config: AugmentConfig) -> dict[str, Any] | None:
 
 def config_fingerprint(config: AugmentConfig) -> str:
     """A hash of the full configuration (local paths included), which the manifest records in
-    place of those paths."""
-    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    place of those paths; settings of the run's resources only (`units.RESOURCE_KEYS`:
+    `model_copies`) are left out, so a run that differs in nothing else is the same run."""
+    data = {k: v for k, v in config.to_dict().items() if k not in units.RESOURCE_KEYS}
+    text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -422,6 +442,7 @@ def _run_locked(
 
     staging = FileSystems.join(output, STAGING_DIR, run_id)
     options = pipeline_options(beam_args, workers)
+    config = for_runner(config, options)
     runner = options.view_as(StandardOptions).runner
     metrics: dict[str, Any] = {}
     this_run: list[dict[str, Any]] = []

@@ -170,6 +170,9 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     return out
 
 
+# Settings of the resources a run uses, nothing else: a finished run that differs only in them
+# is the same run (`runner.config_fingerprint` leaves them out).
+RESOURCE_KEYS = frozenset({"model_copies"})
 # Settings that change how a run executes or where its files go, not what its rows hold.
 EXECUTION_KEYS = frozenset(
     {
@@ -184,6 +187,7 @@ EXECUTION_KEYS = frozenset(
         "overwrite",
         "retry_failed",
         "retranslate",
+        *RESOURCE_KEYS,
     }
 )
 EXECUTION_SUFFIXES = (".device", ".batch_size")

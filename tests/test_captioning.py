@@ -69,7 +69,7 @@ def test_blip_captions_equal_generate_with_one_vision_pass(blip, sampling):
     want: list[list[str]] = [[] for _ in recs]
     for k, prompt in enumerate(prompts):
         seeds = handler._seeds(recs, k)
-        texts = handler._generate(model, images, prompt, seeds)
+        texts = model._generate(images, prompt, seeds)
         for i, text in enumerate(texts):
             text = " ".join(text.split())
             if prompt and not text.lower().startswith(prompt):

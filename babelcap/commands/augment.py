@@ -2,7 +2,8 @@
 
     babelcap augment --input world/manifest.jsonl --captioner world/models/captioner \\
         --translator world/models/translator/ct2 --languages pt,es --output out/ \\
-        [--num-captions 10] [--workers 2] [--filter min_words=3] [-- BEAM OPTIONS...]
+        [--num-captions 10] [--workers 2 [--model-copies 1]] [--filter min_words=3] \\
+        [-- BEAM OPTIONS...]
     babelcap augment --config augment.yaml [--set clip.score_threshold=0.2] ...
 
 The configuration is `babelcap.pipelines.options.AugmentConfig`: a YAML/JSON file (`--config`),
@@ -94,6 +95,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("translator.reverse_model", "--reverse-translator", group=TRANSLATION),
     Flag("text.min_translation_score", "--min-translation-score", group=FILTERS),
     Flag("text.translation_top_k", "--translation-top-k", group=FILTERS),
+    Flag("model_copies", group="running"),
     Flag(
         "captioner.device",
         "--device",
