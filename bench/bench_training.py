@@ -3,15 +3,20 @@
 Random weights (open_clip's factory, pretrained=None, saved once as a safetensors checkpoint that
 every config loads, as a user's run loads its base model); the HF text tower config is built
 locally (XLMRobertaConfig with xlm-roberta-base's sizes), nothing is downloaded. Every config
-prepares the model as the trainer does (`training.trainer`: freed memory returned to the OS,
-weights mapped from the checkpoint, the image tower offloaded when embeddings replace it). Batch 32 (CAPIVARA's setting is LiT + LoRA r=8 on
+returns freed memory to the OS, as the trainer does; every config but (a0) also prepares the
+model as the trainer does (`training.trainer`, `training.frozen`: weights mapped from the
+checkpoint, the frozen vocabulary table read from it a batch's rows at a time, the image tower
+offloaded when embeddings replace it). Batch 32 (CAPIVARA's setting is LiT + LoRA r=8 on
 query/value + gradient checkpointing), on CPU (or --device cuda):
 
-  (a0) lit-lora@77    plain LiT + LoRA as open_clip trains it: images through the locked
-                      image tower, LoRA text tower, captions padded to the context length (77)
-  (a) lit-lora        (a0) with babelcap's tokenizer for HF towers: the padding past the batch's
-                      longest caption dropped (`TrimmedTokenizer`; the same features and
-                      gradients, tests/test_training.py)
+  (a0) lit-lora@77    plain LiT + LoRA as open_clip trains it: the weights loaded into memory
+                      (open_clip's loader, nothing mapped), images through the locked image
+                      tower, LoRA text tower, captions padded to the context length (77)
+  (a) lit-lora        (a0) prepared as babelcap's trainer prepares it (weights mapped, the
+                      frozen vocabulary read from the file) and with its tokenizer for HF
+                      towers: the padding past the batch's longest caption dropped
+                      (`TrimmedTokenizer`; the same features and gradients,
+                      tests/test_training.py)
   (b) +ckpt           (a) + gradient checkpointing
   (c) +embeddings     (b) + image embeddings read from shards (image tower offloaded)
   (d) lit-lora+embeddings  (a) + the embeddings of (c), no checkpointing: what the embeddings
@@ -21,7 +26,8 @@ The memory target compares (c), babelcap's recipe, with (a0), plain LiT + LoRA; 
 checkpointing and embeddings add once the padding is gone) is reported next to it.
 
 Each configuration runs in its own subprocess so its peak memory is clean (peak RSS sampled
-during the training steps; `torch.cuda.max_memory_allocated` on GPU). Also: trainable parameters
+during the training steps; `torch.cuda.max_memory_allocated` on GPU; and the process's peak,
+loading included, from VmHWM). Also: trainable parameters
 as a % of the model, and the shard reader's rows/s against the rows/s training consumes.
 
     python bench/bench_training.py            # full: batch 32, 3 timed steps per config
@@ -115,11 +121,13 @@ def make_checkpoint() -> tuple[Path, Path]:
     return text_dir, ckpt
 
 
-def build_model(drop_image_tower: bool, text_dir: Path, ckpt: Path):
+def build_model(drop_image_tower: bool, text_dir: Path, ckpt: Path, plain: bool = False):
     """The model as the trainer prepares it: loaded from the checkpoint, weights mapped from it
-    (`map_frozen_weights`), the image tower offloaded when embeddings replace it."""
+    (`map_frozen_weights`), the image tower offloaded when embeddings replace it; `plain`: as
+    open_clip loads it, nothing mapped."""
     from babelcap.models.clip import load_clip
-    from babelcap.training.trainer import map_frozen_weights, offload_image_tower
+    from babelcap.training.frozen import map_frozen_weights
+    from babelcap.training.trainer import offload_image_tower
 
     bundle = load_clip(
         MODEL,
@@ -128,7 +136,8 @@ def build_model(drop_image_tower: bool, text_dir: Path, ckpt: Path):
         pretrained_text=False,
         with_tokenizer=False,
     )
-    map_frozen_weights(bundle.model, ckpt)
+    if not plain:
+        map_frozen_weights(bundle.model, ckpt)
     if drop_image_tower:
         offload_image_tower(bundle.model, keep=False)  # embeddings replace it entirely
     return bundle
@@ -203,6 +212,15 @@ def reader_throughput(
     return rows / (time.perf_counter() - start)
 
 
+def vm_hwm() -> int:
+    """The process's peak resident memory so far, in bytes (Linux VmHWM; 0 elsewhere)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(x.split()[1]) * 1024 for x in lines if x.startswith("VmHWM:")), 0)
+
+
 class PeakRSS:
     """Sample the process RSS in a thread (peak during the timed region only)."""
 
@@ -235,6 +253,7 @@ def run_one(config: str, batch: int, steps: int, device: str, text_dir: str, ckp
 
     from babelcap.models.clip import count_parameters
     from babelcap.training.config import MethodConfig
+    from babelcap.training.frozen import read_embeddings_from_file
     from babelcap.training.lit import enable_grad_checkpointing
     from babelcap.training.methods import ClipMethod
     from babelcap.training.trainer import release_freed_memory
@@ -244,12 +263,13 @@ def run_one(config: str, batch: int, steps: int, device: str, text_dir: str, ckp
     torch.manual_seed(0)
     embeddings = config.endswith("embeddings")
     padded = config == PADDED
-    bundle = build_model(embeddings, Path(text_dir), Path(ckpt))
+    bundle = build_model(embeddings, Path(text_dir), Path(ckpt), plain=padded)
     method = ClipMethod(
         MethodConfig(text_tower="lora", lora={"r": 8, "alpha": 8, "modules_to_save": ["proj"]})
     )
     model = method.setup(bundle.model)
     params = count_parameters(model)
+    read_embeddings_from_file(model)  # as the trainer: the frozen vocabulary read from the file
     lora_only = sum(
         p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n
     )
@@ -316,6 +336,7 @@ def run_one(config: str, batch: int, steps: int, device: str, text_dir: str, ckp
         "step_s": elapsed,
         "train_rows_per_s": batch / elapsed,
         "peak_rss_mb": mem.peak / 2**20,
+        "process_peak_mb": vm_hwm() / 2**20,  # loading included
         "runtime_rss_mb": runtime_rss / 2**20,  # python + torch + libraries, no model
         "model_and_training_mb": (mem.peak - runtime_rss) / 2**20,
         "total_params": params["total"],
@@ -341,8 +362,8 @@ def markdown(results: list[dict]) -> str:
     base = results[0]
     lines = [
         "| config | step (s) | speed-up vs (a0) | rows/s trained | reader rows/s | "
-        "peak RSS (MB) | vs (a0) | above runtime (MB) | vs (a0) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "peak RSS (MB) | vs (a0) | above runtime (MB) | vs (a0) | process peak (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
@@ -350,7 +371,8 @@ def markdown(results: list[dict]) -> str:
             f"{r['train_rows_per_s']:.1f} | {r['reader_rows_per_s']:.0f} | "
             f"{r['peak_rss_mb']:.0f} | {100 * r['peak_rss_mb'] / base['peak_rss_mb']:.0f}% | "
             f"{r['model_and_training_mb']:.0f} | "
-            f"{100 * r['model_and_training_mb'] / base['model_and_training_mb']:.0f}% |"
+            f"{100 * r['model_and_training_mb'] / base['model_and_training_mb']:.0f}% | "
+            f"{r.get('process_peak_mb', 0):.0f} |"
         )
     lines.append("")
     lines.append(

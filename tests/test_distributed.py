@@ -369,7 +369,7 @@ def test_cached_embeddings_offload_the_image_tower_and_export_restores_it(
     assert trainer.use_embeddings
     assert isinstance(trainer.raw_model.visual, OffloadedTower)
     assert not list(trainer.raw_model.visual.parameters())
-    offloaded = trainer._offloaded[0]
+    offloaded = trainer._offloaded.visual
     assert all(p.device.type == "meta" for p in offloaded.parameters())  # memory released
     with pytest.raises(RuntimeError, match="offloaded"):
         trainer.raw_model.encode_image(torch.zeros(1, 3, 64, 64))

@@ -297,9 +297,9 @@ class RunConfig(ConfigModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     release_memory: bool = Field(
         True,
-        description="return freed tensor memory to the OS (glibc) and map the CPU weights from "
+        description="return freed tensor memory to the OS (glibc), map the CPU weights from "
         "a .safetensors checkpoint instead of copying them (frozen weights cost only the pages "
-        "read)",
+        "read) and read a frozen vocabulary table from it a batch's rows at a time",
     )
     record_training_images: bool = Field(
         True,

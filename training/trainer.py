@@ -15,8 +15,10 @@ Several processes (GPUs, or CPU with gloo): launch the same command with `torchr
 of every rank with their gradients, so a step is the single-process step on the global batch;
 rank 0 alone writes checkpoints, metrics and exports.
 
-With cached image embeddings (a fully locked image tower) the image tower is offloaded for the
-whole run (written to a temporary file, its memory freed) and put back before the export.
+On CPU the frozen weights are mapped from the checkpoint and a frozen vocabulary table is read
+from it a batch's rows at a time (`training.frozen`). With cached image embeddings (a fully
+locked image tower) the image tower is offloaded for the whole run (its memory freed; its
+weights found again in that checkpoint, or a temporary copy) and put back before the export.
 """
 
 from __future__ import annotations
@@ -41,7 +43,14 @@ from safetensors.torch import load_file, save_file
 from babelcap.core.devices import resolve_device
 from babelcap.core.near_duplicates import Fingerprints
 from babelcap.core.shards import ShardSet, find_shards
-from babelcap.models.clip import ClipBundle, count_parameters, image_tower_id, load_clip, unwrap
+from babelcap.models.clip import (
+    ClipBundle,
+    count_parameters,
+    image_tower_id,
+    load_clip,
+    unwrap,
+    weights_id,
+)
 from babelcap.training.config import MethodConfig, TrainConfig
 from babelcap.training.contamination import INDEX_FILE, index_training_images, load_run_index
 from babelcap.training.data import (
@@ -51,6 +60,12 @@ from babelcap.training.data import (
     detect_embeddings,
     make_loader,
     split_counts,
+)
+from babelcap.training.frozen import (
+    MAPPED_FROM,
+    map_frozen_weights,
+    put_back,
+    read_embeddings_from_file,
 )
 from babelcap.training.lit import enable_grad_checkpointing, image_tower_locked, is_peft_text
 from babelcap.training.methods import CLIP_METHOD_NAMES, ClipMethod
@@ -144,32 +159,6 @@ def release_freed_memory() -> bool:
     return ok and libc.mallopt(m_trim_threshold, 1024 * 1024) == 1
 
 
-def map_frozen_weights(model: torch.nn.Module, checkpoint: str | Path | None) -> int:
-    """Point the model's CPU weights at the memory-mapped safetensors checkpoint they were loaded
-    from (copy-on-write: weights that train get their own pages when first updated; the file is
-    never written). Frozen weights then cost only the pages a step reads: most of a large
-    vocabulary's embedding matrix is never resident, and processes on one machine share the
-    rest. Call before wrapping the model (names as in the checkpoint); returns the bytes mapped."""
-    if checkpoint is None or Path(str(checkpoint)).suffix != ".safetensors":
-        return 0
-    if not Path(str(checkpoint)).is_file():
-        return 0
-    weights = load_file(str(checkpoint))  # lazily mapped, nothing read yet
-    mapped = 0
-    for name, param in model.named_parameters():
-        key = name if name in weights else f"module.{name}"
-        src = weights.get(key)
-        if (
-            src is not None
-            and param.device.type == "cpu"
-            and src.shape == param.shape
-            and src.dtype == param.dtype
-        ):
-            param.data = src
-            mapped += src.numel() * src.element_size()
-    return mapped
-
-
 class OffloadedTower(torch.nn.Module):
     """Stands in for an image tower a run does not need (it trains on cached embeddings)."""
 
@@ -180,21 +169,68 @@ class OffloadedTower(torch.nn.Module):
         )
 
 
-def offload_image_tower(
-    model: torch.nn.Module, keep: bool = True
-) -> tuple[torch.nn.Module, Path | None]:
-    """Replace `model.visual` by an `OffloadedTower` and free the tower's memory; with `keep`
-    its weights go to a temporary safetensors file first. Returns (the emptied tower, file)."""
+@dataclass
+class Offloaded:
+    """An offloaded image tower (its parameters on the meta device) and where its weights are:
+    the checkpoint they were mapped from (`keys`: tower name -> key there) or a temporary copy
+    (`copy`); neither when the tower is not to come back (ranks other than 0)."""
+
+    visual: torch.nn.Module
+    copy: Path | None = None
+    checkpoint: str | None = None
+    keys: dict[str, str] | None = None
+
+
+def offload_image_tower(model: torch.nn.Module, keep: bool = True) -> Offloaded:
+    """Replace `model.visual` by an `OffloadedTower` and free the tower's memory. With `keep`
+    its weights stay findable: in the checkpoint they were mapped from (`map_frozen_weights`),
+    else in a temporary safetensors copy written first."""
     visual = model.visual
-    path = None
+    offloaded = Offloaded(visual)
     if keep:
-        fd, name = tempfile.mkstemp(prefix="babelcap-image-tower-", suffix=".safetensors")
-        os.close(fd)
-        path = Path(name)
-        save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, str(path))
+        state = visual.state_dict(keep_vars=True)
+        sources = {name: getattr(t, MAPPED_FROM, None) for name, t in state.items()}
+        checkpoints_ = {s[0] for s in sources.values() if s is not None}
+        if None not in sources.values() and len(checkpoints_) == 1:
+            # Read back from the file at the end: copying it now would make the mapped pages
+            # resident for the whole run (and write the tower to disk for nothing).
+            offloaded.checkpoint = checkpoints_.pop()
+            offloaded.keys = {name: s[1] for name, s in sources.items()}
+        else:
+            fd, name = tempfile.mkstemp(prefix="babelcap-image-tower-", suffix=".safetensors")
+            os.close(fd)
+            offloaded.copy = Path(name)
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, name)
     visual.to("meta")  # the weights' memory is released here
     model.visual = OffloadedTower()
-    return visual, path
+    return offloaded
+
+
+def restore_image_tower(
+    model: torch.nn.Module, offloaded: Offloaded, device: torch.device, tower_id: str | None
+) -> bool:
+    """Put an offloaded tower back into `model` (False: it was not kept). With `tower_id`, its
+    weights must hash to it: a checkpoint changed during the run is an error, not a new tower."""
+    visual = offloaded.visual
+    if offloaded.checkpoint is not None and offloaded.keys is not None:
+        weights = load_file(offloaded.checkpoint)
+        state = {name: weights[key] for name, key in offloaded.keys.items()}
+    elif offloaded.copy is not None:
+        state = load_file(str(offloaded.copy))
+    else:
+        return False
+    visual.to_empty(device=device)
+    visual.load_state_dict(state)
+    del state
+    if tower_id is not None and f"open_clip-visual-{weights_id(visual)}" != tower_id:
+        raise RuntimeError(
+            f"the image tower read back from {offloaded.checkpoint} is not the one this run "
+            "started with: the checkpoint changed during the run"
+        )
+    model.visual = visual
+    if offloaded.copy is not None:
+        offloaded.copy.unlink(missing_ok=True)
+    return True
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -237,6 +273,7 @@ class Trainer:
         # Hashed before the weights are mapped: reading the whole tower would make its pages of
         # the mapped file resident for the run.
         self._tower_id = image_tower_id(bundle.model) if cfg.data.embeddings != "never" else None
+        mapped = 0
         if cfg.run.release_memory and self.device.type == "cpu":
             mapped = map_frozen_weights(bundle.model, bundle.pretrained)
             log.info("%.0f MB of weights mapped from %s", mapped / 2**20, bundle.pretrained)
@@ -252,6 +289,8 @@ class Trainer:
         elif cfg.run.grad_checkpointing:
             enable_grad_checkpointing(model, image_tower=not locked)
         self.params = count_parameters(model)
+        # Frozen vocabulary tables are read a batch's rows at a time (put back for the export).
+        self._file_embeddings = read_embeddings_from_file(model) if mapped else []
 
         # Data: the embedding column replaces the image tower only when it is fully locked.
         self.shards = find_shards(cfg.data.train)
@@ -268,7 +307,7 @@ class Trainer:
         if self.rank == 0 and cfg.run.record_training_images:
             record_training_images(self.out, self.shards, cfg.data.splits, cfg.model.name)
         tower_id = self._tower_id if self.use_embeddings else None
-        self._offloaded: tuple[torch.nn.Module, Path | None] | None = None
+        self._offloaded: Offloaded | None = None
         if self.use_embeddings:
             self._offload_image_tower(model)
         model.to(self.device)
@@ -371,21 +410,18 @@ class Trainer:
         return ok, why
 
     def _offload_image_tower(self, model: torch.nn.Module) -> None:
-        """Free the image tower for the run (the embeddings replace it); rank 0 keeps its weights
-        in a temporary file to put it back for the export (`restore_image_tower`)."""
+        """Free the image tower for the run (the embeddings replace it); rank 0 keeps where its
+        weights are, to put it back for the export (`restore_model`)."""
         self._offloaded = offload_image_tower(model, keep=self.rank == 0)
         log.info("image tower offloaded (cached embeddings): its memory is free for training")
 
-    def restore_image_tower(self) -> None:
-        """Put the offloaded image tower back (rank 0; before exporting the model)."""
-        if self._offloaded is None or self._offloaded[1] is None:
-            return
-        visual, path = self._offloaded
-        visual.to_empty(device=self.device)
-        visual.load_state_dict(load_file(str(path), device=str(self.device)))
-        self.raw_model.visual = visual
-        path.unlink(missing_ok=True)
-        self._offloaded = None
+    def restore_model(self) -> None:
+        """Make the model whole again (before exporting it): the offloaded image tower (rank 0)
+        and the embedding tables read from the checkpoint during the run."""
+        put_back(self._file_embeddings)
+        if self._offloaded is not None:
+            restore_image_tower(self.raw_model, self._offloaded, self.device, self._tower_id)
+            self._offloaded = None
 
     @property
     def raw_model(self) -> torch.nn.Module:
@@ -585,7 +621,7 @@ class Trainer:
 
     def finish(self, last_loss: float) -> dict[str, Any]:
         ckpt = self.save_checkpoint()
-        self.restore_image_tower()
+        self.restore_model()
         summary: dict[str, Any] = {
             "steps": self.state.step,
             "epochs": self.state.epoch,
