@@ -15,7 +15,6 @@ results. The handlers call it the same way whether it is shared or their own.
 from __future__ import annotations
 
 import contextlib
-import copyreg
 import functools
 import hashlib
 import logging
@@ -26,7 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from babelcap.core.devices import limit_torch_threads, worker_threads
+from babelcap.core.devices import available_cores, limit_torch_threads, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -88,28 +87,11 @@ class ServedModel:
         return os.getpid()
 
 
-def _rebuilt(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
-    exc = cls.__new__(cls, *args)  # BaseException.__new__ sets args; no __init__ to satisfy
-    exc.args = args
-    exc.__dict__.update(state)
-    return exc
-
-
-def _reduce_exception(exc: BaseException) -> tuple:
-    return _rebuilt, (type(exc), exc.args, exc.__dict__)
-
-
 def portable(exc: Exception) -> Exception:
     """`exc`, picklable: a shared copy's failure is pickled back to the caller, where it becomes
-    the batch's dead letters with its type and message as the reason. Exceptions whose
-    `__init__` does not take their `args` (`core.images.ImageError`) fail to unpickle; they get
-    a reducer that rebuilds them without calling it. Others that still cannot cross are told
+    the batch's dead letters with its type and message as the reason. babelcap's own errors
+    pickle whole (`core.images.ImageError` keeps its kind); others that cannot cross are told
     by type and message."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        copyreg.pickle(type(exc), _reduce_exception)
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
@@ -160,7 +142,7 @@ def model_threads(copies: int) -> int | None:
     threads = worker_threads()
     if threads is None or copies < 1:
         return threads
-    return max(1, (os.cpu_count() or 1) // copies)
+    return max(1, available_cores() // copies)
 
 
 def limit_model_threads(copies: int) -> None:

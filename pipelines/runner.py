@@ -35,7 +35,7 @@ from apache_beam.options.pipeline_options import (
 from tqdm import tqdm
 
 from babelcap.core import schema
-from babelcap.core.devices import THREADS_ENV
+from babelcap.core.devices import THREADS_ENV, available_cores
 from babelcap.core.shards import DATA_DIR, STAGING_DIR, committed_units
 from babelcap.pipelines import accounting, card, publish, units
 from babelcap.pipelines.builder import build
@@ -94,7 +94,7 @@ def worker_environment(options: PipelineOptions) -> Iterator[None]:
         yield
         return
     before = os.environ.get(THREADS_ENV)
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     os.environ[THREADS_ENV] = str(max(1, cores // max(1, direct.direct_num_workers or 1)))
     try:
         yield

@@ -111,7 +111,7 @@ def test_a_shared_copy_gets_the_cores_of_all_the_workers(monkeypatch, tmp_path):
     monkeypatch.delenv(THREADS_ENV, raising=False)
     cfg = TranslationStageConfig(model=str(tmp_path))
     assert model_threads(1) is None and engine_config(cfg, copies=1).intra_threads == 0
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # 8 cores
     with worker_environment(pipeline_options([], workers=4)):
         assert model_threads(0) == 2 and engine_config(cfg).intra_threads == 2
         assert model_threads(1) == 8 and engine_config(cfg, copies=1).intra_threads == 8
@@ -153,7 +153,7 @@ def _through_proxy(
             getattr(proxy, attribute)
         served = list(handler.run_inference(batch, proxy))
         if images:  # a model's failure comes back as itself: the dead letter's reason
-            from babelcap.core.images import ImageError  # its __init__ is not its args'
+            from babelcap.core.images import ImageError  # crosses with its kind
 
             broken = [{**batch[0], "data": b"no image"}]
             failures = []

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from babelcap.core.devices import available_cores
 from babelcap.world import models as wm
-from babelcap.world.models.parallel import available_cores, build_models_parallel
+from babelcap.world.models.parallel import build_models_parallel
 
 BUILDER = '''
 import json

@@ -30,6 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from babelcap.core.devices import available_cores
 from babelcap.world.grammar import LANGUAGES, NUM_VARIANTS, describe, describe_all
 from babelcap.world.scene import COLOURS, SHAPES, SIZES, render, sample_scene
 
@@ -259,7 +260,7 @@ def build_world(
 
     if workers is None:
         # A pool only pays off for bigger worlds.
-        workers = min(os.cpu_count() or 1, 8) if n_images >= 2000 else 1
+        workers = min(available_cores(), 8) if n_images >= 2000 else 1
     jobs = [
         (i, seed, str(out), image_size, languages, split_of(i, counts), alt_text_noise)
         for i in range(n_images)

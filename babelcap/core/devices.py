@@ -31,6 +31,15 @@ def resolve_device(
     return "cuda" if local_rank is None else f"cuda:{local_rank}"
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells it: a container's or
+    taskset's share, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def worker_threads() -> int | None:
     """This worker's share of the CPU cores when a local multi-process run split them
     ($BABELCAP_TORCH_THREADS, set by the local runner for its workers only), else None."""

@@ -30,6 +30,10 @@ class ImageError(ValueError):
         super().__init__(message)
         self.kind = kind
 
+    def __reduce__(self) -> tuple:
+        # Pickled as (kind, message): a shared model's worker sends it back to the caller.
+        return type(self), (self.kind, str(self))
+
 
 def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+from babelcap.core.devices import available_cores
 from babelcap.world.models import (
     MODELS,
     STAMP,
@@ -35,14 +35,6 @@ from babelcap.world.models import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity where the OS tells it)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _build_one(
