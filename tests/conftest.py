@@ -26,9 +26,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
-# The world models the suite uses, in the order it first needs them (most tests need
-# clip-base; test_demo comes early), the longest (M2M100) started early.
-SUITE_MODELS = ("clip-base", "m2m-multi", "captioner", "marian-en-pt", "m2m-to-en", "m2m-weak")
+# The world models the suite uses: the longest build (the reverse M2M100) first, so it is not
+# the last thing the suite waits for; then in the order the tests first need them (most need
+# clip-base; test_demo comes early).
+SUITE_MODELS = ("m2m-to-en", "clip-base", "m2m-multi", "captioner", "marian-en-pt", "m2m-weak")
 _background: subprocess.Popen | None = None
 
 
@@ -78,6 +79,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     needs = {item.module for item in items if "world_models" in getattr(item, "fixturenames", ())}
     items.sort(key=lambda item: getattr(item, "module", None) in needs)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # While the background builds hold the cores (one torch thread each), a test's torch runs
+    # on one thread too: more threads than cores makes OpenMP workers spin against each other
+    # (a build beside a 2-thread process ran several times slower). After them, all the cores.
+    if "torch" not in sys.modules:
+        return
+    import torch
+
+    from babelcap.core.devices import available_cores
+
+    building = _background is not None and _background.poll() is None
+    torch.set_num_threads(1 if building else available_cores())
 
 
 _BUILD_SCRIPT = """
