@@ -49,7 +49,7 @@ from babelcap.models.clip import (
     image_tower_id,
     load_clip,
     unwrap,
-    weights_id,
+    visual_tower_id,
 )
 from babelcap.training.config import MethodConfig, TrainConfig
 from babelcap.training.contamination import INDEX_FILE, index_training_images, load_run_index
@@ -222,10 +222,10 @@ def restore_image_tower(
     visual.to_empty(device=device)
     visual.load_state_dict(state)
     del state
-    if tower_id is not None and f"open_clip-visual-{weights_id(visual)}" != tower_id:
+    if tower_id is not None and visual_tower_id(visual) != tower_id:
         raise RuntimeError(
-            f"the image tower read back from {offloaded.checkpoint} is not the one this run "
-            "started with: the checkpoint changed during the run"
+            f"the image tower read back from {offloaded.checkpoint or offloaded.copy} is not "
+            "the one this run started with: the file changed during the run"
         )
     model.visual = visual
     if offloaded.copy is not None:

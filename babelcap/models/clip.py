@@ -224,9 +224,13 @@ def image_tower_id(model: torch.nn.Module) -> str:
     cached = getattr(visual, "_babelcap_id", None)
     if cached is not None:
         return cached
-    tower_id = f"open_clip-visual-{weights_id(visual)}"
-    visual._babelcap_id = tower_id
-    return tower_id
+    visual._babelcap_id = visual_tower_id(visual)
+    return visual._babelcap_id
+
+
+def visual_tower_id(visual: torch.nn.Module) -> str:
+    """`image_tower_id` of an image tower itself, computed afresh (never the cached id)."""
+    return f"open_clip-visual-{weights_id(visual)}"
 
 
 def weights_id(module: torch.nn.Module) -> str:
