@@ -52,7 +52,19 @@ _COMMON: dict[str, Any] = {
 }
 
 DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
-    "marian-en-pt": {**_COMMON, "family": "marian", "src": "en", "targets": ["pt"], "steps": 1200},
+    # With its embeddings scaled (as opus-mt's), at lr 3e-3 without dropout, exact match into
+    # pt on the test world: 0.69 after 300 steps, 0.91 after 400, 1.0 after 500 (unscaled at
+    # lr 2e-3 it needed 1,200 for 1.0; scaled, 600 there gave 0.996).
+    "marian-en-pt": {
+        **_COMMON,
+        "family": "marian",
+        "src": "en",
+        "targets": ["pt"],
+        "steps": 500,
+        "lr": 3e-3,
+        "warmup_steps": 50,
+        "dropout": 0.0,
+    },
     "m2m-multi": {
         **_COMMON,
         "family": "m2m100",
@@ -234,6 +246,9 @@ def _make_model(cfg: dict[str, Any], tokenizer):
             decoder_start_token_id=tokenizer.pad_token_id,
             forced_eos_token_id=tokenizer.eos_token_id,
             share_encoder_decoder_embeddings=True,
+            # As the opus-mt checkpoints: token embeddings scaled by sqrt(d_model). Unscaled,
+            # they start ~50x below the sinusoidal positions and take several times longer.
+            scale_embedding=True,
             **common,
         )
         return MarianMTModel(config)
