@@ -24,9 +24,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps -c constraints.txt clip-benchmark
 	touch $(STAMP)
 
-# The world models build in the background, in parallel, while tests that need none run.
+# The world models build in the background, in parallel, while tests that need none run; the
+# test files run on one pytest-xdist worker per core, whole files in the suite's order.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 test: $(STAMP)
-	$(PY) -m pytest -q --build-world-models --durations=20
+	$(PY) -m pytest -q --build-world-models -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder --durations=20
 
 demo: $(STAMP)
 	$(VENV)/bin/babelcap demo --dir $(DEMO_DIR)

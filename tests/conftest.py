@@ -5,7 +5,10 @@ parameters, and per model by configuration through the models' build stamps), so
 `make test` reuses them; a fresh clone builds them once. `make test` passes
 `--build-world-models`: the models the suite needs are then built in a background process
 group, in parallel (one process per core), while the tests that need none run; a test that
-needs a model still building waits for it (the per-model build lock).
+needs a model still building waits for it (the per-model build lock). `make test` also runs the
+test files on pytest-xdist workers, one per core (whole files, in the order below): most tests
+drive one Python process at a time (a pipeline, a CLI, torchrun), so one file alone leaves
+cores idle once the builds are done.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The world models the suite uses: the longest build (the reverse M2M100) first, so it is not
 # the last thing the suite waits for; then in the order the tests first need them (most need
 # clip-base; test_demo comes early).
-SUITE_MODELS = ("m2m-to-en", "clip-base", "m2m-multi", "captioner", "marian-en-pt", "m2m-weak")
+SUITE_MODELS = ("m2m-to-en", "clip-base", "m2m-multi", "captioner", "marian-en-pt")
 _background: subprocess.Popen | None = None
 
 
@@ -77,22 +80,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # module fixtures are set up once; otherwise the order is pytest's).
     if not config.getoption("build_world_models"):
         return
-    needs = {item.module for item in items if "world_models" in getattr(item, "fixturenames", ())}
+    needs = {
+        item.module
+        for item in items
+        if "world_models" in getattr(item, "fixturenames", ())
+        or item.get_closest_marker("world_models")  # asks for them at run time
+    }
     items.sort(key=lambda item: getattr(item, "module", None) in needs)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    # While the background builds hold the cores (one torch thread each), a test's torch runs
-    # on one thread too: more threads than cores makes OpenMP workers spin against each other
-    # (a build beside a 2-thread process ran several times slower). After them, all the cores.
+    # More torch threads than cores makes OpenMP workers spin against each other (a build beside
+    # a 2-thread process ran several times slower). So while the background builds hold the
+    # cores (one thread each), a test runs on one thread; with pytest-xdist (`make test`), each
+    # worker on its share of the cores; otherwise on all of them.
     if "torch" not in sys.modules:
         return
     import torch
 
     from babelcap.core.devices import available_cores
 
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     building = _background is not None and _background.poll() is None
-    torch.set_num_threads(1 if building else available_cores())
+    torch.set_num_threads(1 if building else max(1, available_cores() // workers))
 
 
 _BUILD_SCRIPT = """

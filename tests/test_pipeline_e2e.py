@@ -39,7 +39,7 @@ from babelcap.pipelines.publish import read_manifest
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import pipeline_testkit as kit
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.world_models]
 N_WORLD_IMAGES = 20
 WORLD_TRANSLATORS = {"marian-en-pt": ("pt",), "m2m-multi": ("pt", "es")}
 

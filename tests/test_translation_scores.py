@@ -3,9 +3,9 @@ CLIP): a translation of another sentence scores below a faithful one; the pipeli
 alt-text before translating it, stores the scores in the shards (read back through
 `find_shards`), and counts what its filters drop.
 
-The forward translator is the world's weak one (`m2m-weak`, the same M2M100 architecture
-trained far less: cheap to build, and its translations are imperfect, which is what scores are
-for); round trips go through the world's reverse model `m2m-to-en`."""
+The forward translator is the world's `m2m-multi` (the demo's, built for other tests anyway);
+the bad translations are made here, each source paired with another picture's translation.
+Round trips go through the world's reverse model `m2m-to-en`."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from babelcap.core.shards import find_shards
 def translators(world_models):
     from babelcap.translators import Translator
 
-    dirs = world_models("m2m-weak", "m2m-to-en")
-    return Translator(str(dirs["m2m-weak"] / "ct2")), Translator(str(dirs["m2m-to-en"] / "ct2"))
+    dirs = world_models("m2m-multi", "m2m-to-en")
+    return Translator(str(dirs["m2m-multi"] / "ct2")), Translator(str(dirs["m2m-to-en"] / "ct2"))
 
 
 def test_a_mismatched_source_scores_below_a_faithful_translation(world_dir, translators):
@@ -68,7 +68,7 @@ def run(world_dir, world_models, tmp_path_factory):
     )
     from babelcap.pipelines.runner import run as run_augment
 
-    dirs = world_models("captioner", "m2m-weak", "m2m-to-en", "clip-base")
+    dirs = world_models("captioner", "m2m-multi", "m2m-to-en", "clip-base")
     root = tmp_path_factory.mktemp("scores")
     rows = [json.loads(x) for x in (world_dir / "manifest.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"][:10]
@@ -83,7 +83,7 @@ def run(world_dir, world_models, tmp_path_factory):
         languages=("pt",),
         captioner=CaptionerConfig(model=str(dirs["captioner"]), num_captions=3, batch_size=8),
         translator=TranslationStageConfig(
-            model=str(dirs["m2m-weak"] / "ct2"),
+            model=str(dirs["m2m-multi"] / "ct2"),
             reverse_model=str(dirs["m2m-to-en"] / "ct2"),
             batch_size=8,
         ),
