@@ -343,6 +343,22 @@ def test_modes_that_cannot_run_distributed_say_so(
     assert not checkpoints(out)
 
 
+def test_per_language_adapters_refuse_a_launch_before_loading_anything(tmp_path, monkeypatch):
+    """The driver checks the launch first: nothing here exists, so any loading would fail
+    with another error (the method checks again, for a Trainer built without the driver)."""
+    from babelcap.training.alignment_driver import run_alignment
+    from babelcap.training.config import TrainConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    missing = tmp_path / "missing"
+    data = _config(missing / "model", missing / "text", [str(missing / "a.parquet")], tmp_path)
+    data["method"].update(
+        {"name": "alignment", "options": {"adapters": "per_language", "languages": ["pt"]}}
+    )
+    with pytest.raises(ValueError, match="per-language adapters train in one process"):
+        run_alignment(TrainConfig.from_dict(data))
+
+
 def test_train_config_knows_streams():
     cfg = TrainConfig.from_dict({"data": {"streams": 4}})
     assert cfg.data.streams == 4

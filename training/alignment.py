@@ -140,6 +140,15 @@ def apply_pairing(cfg: TrainConfig, pairing: str) -> TrainConfig:
     return cfg.updated(pairing_changes(cfg.data, pairing))
 
 
+def check_world_size(opts: AlignmentOptions, world_size: int) -> None:
+    """Per-language adapters cannot run in several processes: raise a clear error."""
+    if opts.adapters == "per_language" and world_size > 1:
+        raise ValueError(
+            "per-language adapters train in one process (the batch is split "
+            "by language outside DDP); use adapters: shared with several GPUs"
+        )
+
+
 class AlignmentMethod(ClipMethod):
     """LiT + per-language (or shared) adapters + translation-based alignment loss."""
 
@@ -149,11 +158,7 @@ class AlignmentMethod(ClipMethod):
         super().__init__(cfg, rank, world_size)
         self.opts = AlignmentOptions.from_options(cfg.options)
         self.teacher: torch.nn.Module | None = None
-        if self.opts.adapters == "per_language" and world_size > 1:
-            raise ValueError(
-                "per-language adapters train in one process (the batch is split "
-                "by language outside DDP); use adapters: shared with several GPUs"
-            )
+        check_world_size(self.opts, world_size)
 
     @property
     def grad_checkpointing_safe(self) -> bool:

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from babelcap.training.alignment import AlignmentMethod, AlignmentOptions, pairing_changes
+from babelcap.training.alignment import (
+    AlignmentMethod,
+    AlignmentOptions,
+    check_world_size,
+    pairing_changes,
+)
 from babelcap.training.config import TrainConfig
-from babelcap.training.trainer import train
+from babelcap.training.trainer import launched_world_size, train
 
 
 def alignment_config(cfg: TrainConfig) -> TrainConfig:
@@ -32,4 +37,7 @@ def alignment_config(cfg: TrainConfig) -> TrainConfig:
 
 def run_alignment(cfg: TrainConfig) -> dict[str, Any]:
     """Select the pairing's captions, name the adapters after the languages, train."""
+    # Before anything is loaded: a launch that cannot run says so at once (the method checks
+    # again, for a Trainer built without this driver).
+    check_world_size(AlignmentOptions.from_options(cfg.method.options), launched_world_size())
     return train(alignment_config(cfg), method=AlignmentMethod)
