@@ -23,8 +23,6 @@ from typing import Any
 
 import apache_beam as beam
 
-from babelcap.pipelines.captioning import Caption
-from babelcap.pipelines.clipscore import ClipScore
 from babelcap.pipelines.deadletter import DEAD, reject
 from babelcap.pipelines.decode import DecodeImages
 from babelcap.pipelines.decontaminate import DropEvalImages
@@ -33,7 +31,6 @@ from babelcap.pipelines.filters import FilterEnglish, FilterTranslations, Select
 from babelcap.pipelines.options import AugmentConfig
 from babelcap.pipelines.sinks import WriteOutputs
 from babelcap.pipelines.sources import ReadInputs, detect_format, tar_mode
-from babelcap.pipelines.translation import Translate
 from babelcap.pipelines.units import DropPresent, KeepUnits
 
 
@@ -135,7 +132,12 @@ def build(
         records = checked.ok
         dead.append(checked[DEAD])
 
+    # The model stages are imported only when the job has them: they use Beam's RunInference,
+    # whose module imports torch and scipy (~3 s in each process and Beam worker), which a job on
+    # alt-text without CLIP or translation never needs.
     if config.captioner is not None:
+        from babelcap.pipelines.captioning import Caption
+
         records, failed = records | "Caption" >> Caption(
             config.captioner, config.seed, config.max_image_pixels, config.model_copies
         )
@@ -143,6 +145,8 @@ def build(
     records = records | "FilterEnglish" >> beam.ParDo(FilterEnglish(config.text))
     clip = config.clip
     if clip is not None and (clip.score or clip.embed_images):
+        from babelcap.pipelines.clipscore import ClipScore
+
         records, failed = records | "Clip" >> ClipScore(
             clip, config.max_image_pixels, config.model_copies
         )
@@ -154,6 +158,8 @@ def build(
         StoreImage(config.store_image, input_roots(config))
     )
     if languages:
+        from babelcap.pipelines.translation import Translate
+
         records, failed = records | "Translate" >> Translate(
             config.translator, languages, config.model_copies
         )
