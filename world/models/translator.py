@@ -85,8 +85,8 @@ DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
 DEFAULT_CONFIGS["m2m-weak"] = {**DEFAULT_CONFIGS["m2m-multi"], "steps": 250, "lr": 2e-3}
 # Into English from four languages, at lr 2e-3 (3e-3 stalls it: chrF 48 after 600 steps), on the
 # test world: exact match 0.07-0.2 after 500 steps, 0.975-1.0 after 600, 1.0 after 800 and 1000
-# in all four. 800 keeps a margin above that cliff. At d_model 128 (a step ~27% cheaper than at
-# 160), 800 steps give 1.0, 1.0, 1.0 and 0.996 (hi); 700 give 0.94 (hi), d_model 96 0.88 (hi).
+# in all four. 800 keeps a margin above that cliff. At d_model 128 (the build 150 CPU-s against
+# 168 at 160), 800 steps give 1.0, 1.0, 1.0 and 0.996 (hi); 700 give 0.94 (hi), d_model 96 0.88.
 DEFAULT_CONFIGS["m2m-to-en"] = {
     **DEFAULT_CONFIGS["m2m-multi"],
     "reverse": True,
