@@ -5,7 +5,8 @@ alt-text before translating it, stores the scores in the shards (read back throu
 
 The forward translator is the world's `m2m-multi` (the demo's, built for other tests anyway);
 the bad translations are made here, each source paired with another picture's translation.
-Round trips go through the world's reverse model `m2m-to-en`."""
+Round trips go through the world's reverse model `m2m-pt-en` (pt->en: every round trip here
+starts in pt)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from babelcap.core.shards import find_shards
 def translators(world_models):
     from babelcap.translators import Translator
 
-    dirs = world_models("m2m-multi", "m2m-to-en")
-    return Translator(str(dirs["m2m-multi"] / "ct2")), Translator(str(dirs["m2m-to-en"] / "ct2"))
+    dirs = world_models("m2m-multi", "m2m-pt-en")
+    return Translator(str(dirs["m2m-multi"] / "ct2")), Translator(str(dirs["m2m-pt-en"] / "ct2"))
 
 
 def test_a_mismatched_source_scores_below_a_faithful_translation(world_dir, translators):
@@ -68,7 +69,7 @@ def run(world_dir, world_models, tmp_path_factory):
     )
     from babelcap.pipelines.runner import run as run_augment
 
-    dirs = world_models("captioner", "m2m-multi", "m2m-to-en", "clip-base")
+    dirs = world_models("captioner", "m2m-multi", "m2m-pt-en", "clip-base")
     root = tmp_path_factory.mktemp("scores")
     rows = [json.loads(x) for x in (world_dir / "manifest.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"][:10]
@@ -84,7 +85,7 @@ def run(world_dir, world_models, tmp_path_factory):
         captioner=CaptionerConfig(model=str(dirs["captioner"]), num_captions=3, batch_size=8),
         translator=TranslationStageConfig(
             model=str(dirs["m2m-multi"] / "ct2"),
-            reverse_model=str(dirs["m2m-to-en"] / "ct2"),
+            reverse_model=str(dirs["m2m-pt-en"] / "ct2"),
             batch_size=8,
         ),
         clip=ClipConfig(model=str(dirs["clip-base"]), batch_size=16),

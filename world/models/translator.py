@@ -8,7 +8,9 @@ Two models, one per family the engine serves:
 And two for translation quality scoring:
 - `m2m-weak`: the same architecture and data as `m2m-multi`, trained far less (a
   deliberately bad translator, so benchmarks can show what a translation-score filter buys);
-- `m2m-to-en`: {pt, es, de, hi}->en (`reverse`), the reverse model of round-trip scoring.
+- `m2m-to-en`: {pt, es, de, hi}->en (`reverse`), the reverse model of round-trip scoring;
+- `m2m-pt-en`: pt->en alone, the same recipe on one language (the test suite's round trips,
+  which are all from pt: about 40% of `m2m-to-en`'s build).
 
 Each gets a SentencePiece model trained on the world's text, trains on
 `world.corpus.parallel_pairs` (fresh scenes, never the world's images), is saved in
@@ -95,6 +97,15 @@ DEFAULT_CONFIGS["m2m-to-en"] = {
     "warmup_steps": 100,
     "d_model": 128,
     "ffn_dim": 256,
+}
+# One language back into English learns far sooner than four: on the test world exact match
+# pt->en 0.78 after 300 steps, 1.0 after 400 and 500 (62 CPU-s against m2m-to-en's 150). Two
+# languages need no more than the BPE vocabulary of one pair.
+DEFAULT_CONFIGS["m2m-pt-en"] = {
+    **DEFAULT_CONFIGS["m2m-to-en"],
+    "targets": ["pt"],
+    "spm_vocab_size": 500,
+    "steps": 400,
 }
 DEFAULT_CONFIG = DEFAULT_CONFIGS["marian-en-pt"]
 
