@@ -252,32 +252,6 @@ def test_rank_zero_alone_writes(runs):
     ]
 
 
-def test_accelerate_launch_is_the_same_two_process_run(runs, model_dir, text_dir, shards, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; on CPU too)."""
-    out = tmp_path / "accelerate"
-    config = _write_config(_config(model_dir, text_dir, shards, out), tmp_path / "run.yaml")
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    logs = _run(
-        [
-            accelerate,
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "-m",
-            "babelcap.cli",
-            "-v",
-            "train",
-            "--config",
-            str(config),
-        ]
-    )
-    assert sorted(_rank_batches(logs)) == [0, 1]
-    single = _weights(runs["single"])
-    for name, value in _weights(out).items():
-        assert (value - single[name]).abs().max().item() <= ATOL, name
-
-
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and its workers (torchrun starts each worker in a session of its own)."""
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
@@ -288,9 +262,19 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
-def test_killed_two_process_run_resumes_to_the_same_weights(
+def _accelerate(config: Path) -> list[str]:
+    """`accelerate launch` as the README gives it (torchrun underneath; on CPU too)."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2"]
+    return [*launch, "-m", "babelcap.cli", "-v", "train", "--config", str(config)]
+
+
+def test_killed_two_process_run_resumes_under_accelerate_to_the_same_weights(
     runs, model_dir, text_dir, shards, tmp_path
 ):
+    """SIGKILL a torchrun run after its first checkpoint, then go on with `accelerate launch`:
+    the resumed ranks train the uninterrupted run's batches and end at its weights (one launch
+    checks both resuming and accelerate: every launch costs two processes' imports)."""
     out = tmp_path / "killed"
     config = _write_config(_config(model_dir, text_dir, shards, out), tmp_path / "run.yaml")
     proc = subprocess.Popen(
@@ -309,7 +293,12 @@ def test_killed_two_process_run_resumes_to_the_same_weights(
     assert done and done[-1] != f"step-{STEPS:07d}" and not (out / "summary.json").exists(), (
         f"the run was not interrupted (checkpoints {done})"
     )
-    assert "resumed from" in _run(_torchrun(config))
+    logs = _run(_accelerate(config))
+    assert "resumed from" in logs
+    resumed_batches, whole_batches = _rank_batches(logs), _rank_batches(runs["ddp-logs"])
+    assert sorted(resumed_batches) == [0, 1]  # two ranks, each on its own half
+    for rank, batches in resumed_batches.items():
+        assert batches and all(batches[key] == whole_batches[rank][key] for key in batches)
     resumed, whole = _weights(out), _weights(runs["ddp"])
     for name, value in whole.items():
         assert torch.allclose(resumed[name], value, rtol=0, atol=1e-6), name
