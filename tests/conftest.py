@@ -28,6 +28,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# An xdist worker's share of the cores, for every process it starts (CLIs, torchrun ranks, Beam
+# workers, open_clip's trainer): torch in each would otherwise take all the cores, and OpenMP
+# threads beyond the cores spin against the other worker and the builds (open_clip_train took
+# 53 CPU-seconds beside them instead of 18).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    from babelcap.core.devices import available_cores
+
+    _share = available_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
 
 # The world models the suite uses: the longest build (the captioner) first, so it is not the
 # last thing the suite waits for; then in the order the tests first need them (most need
@@ -69,6 +79,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     with open(world / "models" / "background-build.log", "w") as log:
         _background = subprocess.Popen(
             [sys.executable, "-c", _BUILD_SCRIPT, str(world), *SUITE_MODELS],
+            # A lone model left to build is built in that process: on one thread, as the pool's
+            # are, since the tests run beside it (on every core, a Marian rebuild took 490
+            # CPU-seconds instead of 70).
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: ended with its pool at the end
