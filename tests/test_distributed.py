@@ -1,6 +1,6 @@
 """Multi-process training: `babelcap train` under torchrun (2 CPU processes, gloo) against one
 process with the same global batch and seed; disjoint data per rank; rank 0 alone writes; SIGKILL
-and resume; the modes that cannot run distributed say so."""
+and resume (under `accelerate launch`); the modes that cannot run distributed say so."""
 
 from __future__ import annotations
 
