@@ -28,15 +28,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def _worker_cores() -> int:
+    """This process's share of the cores: all of them, or its part under pytest-xdist."""
+    from babelcap.core.devices import available_cores
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, available_cores() // workers)
+
+
 # An xdist worker's share of the cores, for every process it starts (CLIs, torchrun ranks, Beam
 # workers, open_clip's trainer): torch in each would otherwise take all the cores, and OpenMP
 # threads beyond the cores spin against the other worker and the builds (open_clip_train took
 # 53 CPU-seconds beside them instead of 18).
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    from babelcap.core.devices import available_cores
-
-    _share = available_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_worker_cores()))
 
 
 # The world models the suite uses, two building at a time: the demo's first (the captioner, the
@@ -113,11 +119,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     import torch
 
-    from babelcap.core.devices import available_cores
-
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     building = _background is not None and _background.poll() is None
-    torch.set_num_threads(1 if building else max(1, available_cores() // workers))
+    torch.set_num_threads(1 if building else _worker_cores())
 
 
 _BUILD_SCRIPT = """
